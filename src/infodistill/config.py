@@ -1,0 +1,104 @@
+"""Typed configuration objects: dataclasses filled from YAML files and command-line overrides.
+
+Every setting has one home, a dataclass field with a type and a default. A YAML file may set any
+field; flags given on the command line win over the file. Unknown keys and values of the wrong type
+are refused with one line that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from infodistill.errors import UserInputError
+
+ConfigT = TypeVar("ConfigT")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/flag value to the field's declared type, or refuse it naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except UserInputError as error:
+                errors.append(str(error))
+        raise UserInputError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserInputError(f"config key '{key}': {value!r} is not a boolean (use true or false)")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserInputError(f"config key '{key}': {value!r} is not an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserInputError(f"config key '{key}': {value!r} is not a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise UserInputError(f"config key '{key}': {value!r} is not a string")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserInputError(f"config key '{key}': {value!r} is not a list")
+        (item_type, *_rest) = typing.get_args(annotation)
+        return tuple(_coerce(item, item_type, key) for item in value)
+    return value
+
+
+def config_from_mapping(cls: type[ConfigT], values: Mapping[str, Any], source: str = "config") -> ConfigT:
+    """Build the dataclass ``cls`` from ``values``, checking every key and type."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserInputError(
+            f"{source}: unknown key '{unknown[0]}'; allowed keys: {', '.join(sorted(fields))}"
+        )
+    converted = {key: _coerce(value, hints[key], key) for key, value in values.items()}
+    return cls(**converted)
+
+
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; refuse anything else in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config file '{path}' does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(f"config file '{path}' is not valid YAML: {first_line}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserInputError(f"config file '{path}' must hold a mapping of keys to values")
+    return loaded
+
+
+def build_config(
+    cls: type[ConfigT], yaml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> ConfigT:
+    """Defaults, then the YAML file (if any), then explicit overrides (flags that were given)."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        values.update(load_yaml_mapping(yaml_path))
+        source = f"config file '{yaml_path}'"
+    else:
+        source = "config"
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    return config_from_mapping(cls, values, source)
