@@ -10,14 +10,10 @@ half-written.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +22,7 @@ from torchvision.utils import make_grid, save_image
 
 from infodistill import __version__
 from infodistill.errors import UserInputError
+from infodistill.files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -141,21 +138,6 @@ class DistilledSet:
 def grid_path_for(artefact_path: str | Path) -> Path:
     """The PNG grid that lives beside an artefact: ``set.safetensors`` -> ``set.png``."""
     return Path(artefact_path).with_suffix(".png")
-
-
-@contextlib.contextmanager
-def atomic_path(final_path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final_path``; rename it into place only if the block succeeds."""
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, final_path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def save_grid(distilled: DistilledSet, path: str | Path) -> Path:
