@@ -1,0 +1,338 @@
+"""The evaluation protocol of the dataset-distillation papers, and the random-subset baseline.
+
+A fresh network is trained from scratch on a labelled set and tested on the full real test set; this
+is repeated for several runs with different seeds and reported as mean and standard deviation.
+Published recipe (DC/DSA/DM/MTT): ConvNet-3, SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256,
+learning rate x0.1 for the second half of training, DSA augmentation, 1000 epochs.
+
+The runs can be trained one after another (plain modules) or together, as one vectorised model over
+stacked parameters (``torch.func.vmap``). Both consume every run's random numbers in the same order,
+so they train the same networks up to floating-point rounding; ``batched="auto"`` picks the one that
+is faster on the device (see ``benchmarks/bench_evaluate.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
+
+from infodistill.artefact import DistilledSet, SetMetadata
+from infodistill.augment import DSA
+from infodistill.data import ClassSampler, DatasetInfo, RealData
+from infodistill.errors import UserInputError
+from infodistill.models import build_model, parse_model_name
+
+AUGMENTATIONS = ("dsa", "none")
+BATCHED_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a labelled set is scored: the model, the training recipe and the number of runs."""
+
+    model: str = "ConvNet-3"
+    runs: int = 5
+    epochs: int = 1000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    augment: str = "dsa"
+    seed: int = 0
+    batched: str = "auto"
+    use_soft_labels: bool = True
+    use_learned_lr: bool = True
+    device: str = "cpu"
+    test_batch_size: int = 1024
+
+    def validate(self) -> None:
+        """Refuse values outside their range, naming the value and what is allowed."""
+        positive_ints = {"runs": self.runs, "epochs": self.epochs, "batch_size": self.batch_size,
+                         "test_batch_size": self.test_batch_size}
+        for name, value in positive_ints.items():
+            if value < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {value}")
+        if not self.lr > 0:
+            raise UserInputError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise UserInputError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise UserInputError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.augment not in AUGMENTATIONS:
+            raise UserInputError(f"augment '{self.augment}' is not one of: {', '.join(AUGMENTATIONS)}")
+        if self.batched not in BATCHED_CHOICES:
+            raise UserInputError(f"batched '{self.batched}' is not one of: {', '.join(BATCHED_CHOICES)}")
+        parse_model_name(self.model)
+        resolve_device(self.device)
+
+
+@dataclass
+class EvalResult:
+    """Per-run test accuracies (percent) and how they were obtained."""
+
+    model: str
+    dataset: str
+    accuracies: list[float]
+    epochs: int
+    lr: float
+    labels: str
+    augmentation: str
+    train_size: int
+    test_size: int
+    batched: bool
+    seconds: float
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.accuracies))
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation over runs (numpy's default, as the papers' code reports)."""
+        return float(np.std(self.accuracies))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": self.mean, "std": self.std, "runs": len(self.accuracies)}
+
+    def summary(self) -> str:
+        return (
+            f"{self.model} on {self.dataset} ({self.test_size} test images), {len(self.accuracies)} runs x "
+            f"{self.epochs} epochs, {self.train_size} training images, {self.labels} labels, "
+            f"augmentation {self.augmentation}, lr {self.lr:g}: {self.mean:.2f} +- {self.std:.2f} %"
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn 'cpu' / 'cuda' / 'cuda:N' into a device, refusing one this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"device '{name}' is not valid; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"device '{name}' is not supported; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"device '{name}' is not available on this machine; use --device cpu")
+    return device
+
+
+def run_seeds(seed: int, runs: int) -> list[int]:
+    """Independent, reproducible seeds for each run, derived from one base seed."""
+    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(runs)]
+
+
+def check_set_fits(distilled: DistilledSet, info: DatasetInfo) -> None:
+    """Refuse a set whose image shape or class count does not match the dataset it is scored on."""
+    expected = (info.channels, *info.image_size)
+    if distilled.image_shape != expected:
+        raise UserInputError(
+            f"the set's images are {'x'.join(map(str, distilled.image_shape))} but dataset "
+            f"'{info.name}' has {'x'.join(map(str, expected))} images"
+        )
+    if distilled.num_classes != info.num_classes:
+        raise UserInputError(
+            f"the set has {distilled.num_classes} classes but dataset '{info.name}' has {info.num_classes}"
+        )
+
+
+def lr_at_epoch(base_lr: float, epoch: int, epochs: int) -> float:
+    """Step schedule of the protocol: the base rate, then x0.1 for the second half of the epochs."""
+    return base_lr * (0.1 if epoch >= math.ceil(epochs / 2) else 1.0)
+
+
+def _minibatches(size: int, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    return torch.randperm(size, generator=generator).split(batch_size)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class indices (hard labels) or probability rows (soft labels)."""
+    return F.cross_entropy(logits, targets)
+
+
+@dataclass
+class _TrainingJob:
+    """What both training paths share: the data, the recipe, one generator per run, progress."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    config: EvalConfig
+    lr: float
+    generators: Sequence[torch.Generator]
+    augment: DSA | None
+    advance: Callable[[int], None]
+
+    def augmented(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch = self.images[index]
+        return self.augment(batch, generator) if self.augment is not None else batch
+
+
+def _train_sequential(models: Sequence[nn.Module], job: _TrainingJob) -> None:
+    images, targets, config, lr = job.images, job.targets, job.config, job.lr
+    for model, generator in zip(models, job.generators):
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        model.train()
+        for epoch in range(config.epochs):
+            _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs))
+            for index in _minibatches(len(images), config.batch_size, generator):
+                loss = _run_loss(model(job.augmented(index, generator)), targets[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            job.advance(1)
+
+
+def _train_together(models: Sequence[nn.Module], job: _TrainingJob) -> None:
+    """Train all runs as one vectorised model over stacked parameters; write the weights back."""
+    images, targets, config, lr, generators = job.images, job.targets, job.config, job.lr, job.generators
+    for model in models:
+        model.train()
+    params, buffers = stack_module_state(list(models))
+    template = copy.deepcopy(models[0]).to("meta")
+
+    def forward(run_params, run_buffers, batch):
+        return functional_call(template, (run_params, run_buffers), (batch,))
+
+    forward_all = vmap(forward)
+    # Elementwise SGD on stacked tensors equals one independent SGD per run.
+    optimizer = torch.optim.SGD(params.values(), lr=lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    runs = len(models)
+    for epoch in range(config.epochs):
+        _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs))
+        schedules = [_minibatches(len(images), config.batch_size, generator) for generator in generators]
+        for step_indices in zip(*schedules):
+            batches = [job.augmented(index, generator) for index, generator in zip(step_indices, generators)]
+            logits = forward_all(params, buffers, torch.stack(batches))
+            step_targets = torch.stack([targets[index] for index in step_indices])
+            per_sample = F.cross_entropy(logits.flatten(0, 1), step_targets.flatten(0, 1), reduction="none")
+            loss = per_sample.view(runs, -1).mean(dim=1).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        job.advance(runs)
+    with torch.no_grad():
+        for run, model in enumerate(models):
+            for name, parameter in model.named_parameters():
+                parameter.copy_(params[name][run])
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name][run])
+
+
+def use_batched_training(config: EvalConfig, device: torch.device) -> bool:
+    """Whether to train the runs together. 'auto': on GPUs, where small batches leave the device idle;
+    on CPU the vectorised path measured slower than the plain one (benchmarks/README.md)."""
+    if config.batched == "off" or config.runs == 1:
+        return False
+    if config.batched == "on":
+        return True
+    return device.type == "cuda"
+
+
+def train_from_scratch(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    config: EvalConfig,
+    seeds: Sequence[int],
+    lr: float | None = None,
+    progress: bool = True,
+) -> tuple[list[nn.Module], bool]:
+    """Train one freshly initialised model per seed on (images, targets); return them trained.
+
+    ``targets`` are class indices (int64) or probability rows (float, soft labels). Each seed fixes
+    the run's initial weights, its minibatch order and its augmentation draws.
+    Returns the models and whether they were trained together (vectorised).
+    """
+    device = resolve_device(config.device)
+    channels, height, width = images.shape[1:]
+    models = [
+        build_model(config.model, channels=channels, num_classes=num_classes, image_size=(height, width), seed=seed).to(device)
+        for seed in seeds
+    ]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    augment = DSA() if config.augment == "dsa" else None
+    together = use_batched_training(config, device)
+    trainer = _train_together if together else _train_sequential
+    bar = tqdm(total=config.epochs * len(models), desc=f"train {config.model} x{len(models)}",
+               unit="epoch", disable=not progress, leave=False)
+    with bar:
+        job = _TrainingJob(images.to(device), targets.to(device), config, lr if lr is not None else config.lr,
+                           generators, augment, bar.update)
+        trainer(models, job)
+    return models, together
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent of ``model`` (put in eval mode) on a labelled set."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for batch, batch_labels in zip(images.split(batch_size), labels.split(batch_size)):
+        predictions = model(batch.to(device)).argmax(dim=1)
+        correct += int((predictions == batch_labels.to(device)).sum())
+    return 100.0 * correct / len(labels)
+
+
+def evaluate_set(
+    distilled: DistilledSet, real: RealData, config: EvalConfig, progress: bool = True
+) -> EvalResult:
+    """Score a distilled (or selected) set with the protocol: N runs from scratch, real test set."""
+    config.validate()
+    check_set_fits(distilled, real.info)
+    started = time.perf_counter()
+    soft = config.use_soft_labels and distilled.soft_labels is not None
+    targets = distilled.soft_labels if soft else distilled.labels
+    learned_lr = config.use_learned_lr and distilled.lr is not None
+    lr = float(distilled.lr.item()) if learned_lr else config.lr
+    seeds = run_seeds(config.seed, config.runs)
+    models, together = train_from_scratch(distilled.images, targets, real.info.num_classes, config, seeds,
+                                          lr=lr, progress=progress)
+    test_images, test_labels = real.test_tensors()
+    accuracies = [top1_accuracy(model, test_images, test_labels, config.test_batch_size) for model in models]
+    return EvalResult(
+        model=config.model,
+        dataset=real.info.name,
+        accuracies=accuracies,
+        epochs=config.epochs,
+        lr=lr,
+        labels="soft" if soft else "hard",
+        augmentation=config.augment,
+        train_size=len(distilled.images),
+        test_size=len(test_labels),
+        batched=together,
+        seconds=time.perf_counter() - started,
+        seeds=seeds,
+    )
+
+
+def random_subset(real: RealData, ipc: int, seed: int) -> DistilledSet:
+    """The fair baseline: ``ipc`` real training images per class, drawn at random with ``seed``."""
+    sampler = ClassSampler(real.train_images, real.train_labels, real.info.num_classes)
+    subset_uint8, subset_labels = sampler.random_subset(ipc, torch.Generator().manual_seed(seed))
+    metadata = SetMetadata(
+        dataset=real.info.name,
+        mean=tuple(real.info.mean),
+        std=tuple(real.info.std),
+        classes=tuple(real.info.class_names),
+        method="random",
+        ipc=ipc,
+        seed=seed,
+    )
+    return DistilledSet(images=real.normalise(subset_uint8).float().contiguous(), labels=subset_labels.long(), metadata=metadata)

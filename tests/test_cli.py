@@ -1,0 +1,126 @@
+"""The command line: the baseline -> evaluate flow, and one clear line with exit status 2 for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import needs_real_fashion_mnist
+from safetensors.torch import save_file
+
+from infodistill.artefact import load_set
+from infodistill.cli import main
+
+FAST = ["--model", "ConvNet-1-8", "--runs", "2", "--epochs", "2"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_baseline_then_evaluate(striped_root, tmp_path, capsys):
+    out = tmp_path / "runs" / "set.safetensors"
+    code, stdout, _ = run(capsys, "baseline", "--ipc", "4", "--seed", "3", "--out", str(out), "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["images"] == 40 and (tmp_path / "runs" / "set.png").is_file()
+    distilled = load_set(out)
+    assert torch.bincount(distilled.labels).tolist() == [4] * 10
+    assert distilled.metadata.method == "random" and distilled.metadata.seed == 3
+
+    code, stdout, _ = run(capsys, "evaluate", str(out), *FAST, "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert len(result["accuracies"]) == 2 and result["test_size"] == 100
+    assert result["labels"] == "hard" and result["augmentation"] == "dsa" and result["epochs"] == 2
+    assert result["mean"] == pytest.approx(sum(result["accuracies"]) / 2)
+
+    code, stdout, _ = run(capsys, "evaluate", str(out), *FAST)
+    assert code == 0 and "+-" in stdout and "per run:" in stdout
+
+
+@needs_real_fashion_mnist
+def test_real_fashion_mnist_is_found_without_configuration(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("INFODISTILL_DATA", str(tmp_path / "empty-root"))
+    out = tmp_path / "real.safetensors"
+    assert run(capsys, "baseline", "--dataset", "fashion-mnist", "--ipc", "2", "--out", str(out))[0] == 0
+    code, stdout, _ = run(capsys, "evaluate", str(out), "--model", "ConvNet-1-8", "--runs", "1", "--epochs", "1", "--json")
+    assert code == 0 and json.loads(stdout)["test_size"] == 10000
+
+
+@pytest.fixture
+def good_set(striped_root, tmp_path, capsys):
+    path = tmp_path / "good.safetensors"
+    assert main(["baseline", "--ipc", "2", "--out", str(path)]) == 0
+    capsys.readouterr()
+    return path
+
+
+def wrong_shape_set(path):
+    save_file({"images": torch.zeros(10, 3, 32, 32), "labels": torch.arange(10)}, str(path),
+              metadata={"dataset": "fashion-mnist", "mean": "[0.5, 0.5, 0.5]", "std": "[0.2, 0.2, 0.2]",
+                        "classes": json.dumps([str(i) for i in range(10)]), "method": "x", "ipc": "1", "seed": "0"})
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_argv, fragment",
+    [
+        (lambda d, g: ["baseline", "--dataset", "imagenet-22k", "--ipc", "1", "--out", str(d / "o.safetensors")], "imagenet-22k"),
+        (lambda d, g: ["baseline", "--ipc", "0", "--out", str(d / "o.safetensors")], "--ipc"),
+        (lambda d, g: ["baseline", "--ipc", "31", "--out", str(d / "o.safetensors")], "31"),
+        (lambda d, g: ["evaluate", str(d / "absent.safetensors")], "does not exist"),
+        (lambda d, g: ["evaluate", str(g), "--model", "ConvNet-x"], "ConvNet-x"),
+        (lambda d, g: ["evaluate", str(g), "--model", "ConvNet-6"], "28x28"),
+        (lambda d, g: ["evaluate", str(g), "--runs", "0"], "runs must be a positive integer, got 0"),
+        (lambda d, g: ["evaluate", str(g), "--epochs", "-3"], "got -3"),
+        (lambda d, g: ["evaluate", str(g), "--device", "tpu"], "tpu"),
+        (lambda d, g: ["evaluate", str(wrong_shape_set(d / "rgb.safetensors"))], "3x32x32"),
+        (lambda d, g: ["evaluate", str(g), "--dataset", "cifar10"], "cifar10"),
+    ],
+)
+def test_bad_input_gives_one_line_and_status_2(good_set, tmp_path, capsys, make_argv, fragment):
+    code, stdout, stderr = run(capsys, *make_argv(tmp_path, good_set))
+    assert code == 2
+    assert fragment in stderr and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
+def test_truncated_and_foreign_artefacts(good_set, tmp_path, capsys):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good_set.read_bytes()[:100])
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_text("not a tensor file at all")
+    for path in (truncated, foreign):
+        code, _, stderr = run(capsys, "evaluate", str(path))
+        assert code == 2 and str(path) in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "X", "--augment", "mixup"], ["baseline", "--ipc", "x", "--out", "a.safetensors"],
+                                  ["baseline", "--ipc", "1", "--out", "a.pt"], ["frobnicate"], ["evaluate", "X", "--bogus"]])
+def test_flag_errors_are_one_line_with_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_bad_input_leaves_existing_files_untouched(good_set, capsys):
+    before = good_set.read_bytes(), good_set.with_suffix(".png").read_bytes()
+    for argv in (["--ipc", "0"], ["--ipc", "31"], ["--dataset", "nope", "--ipc", "1"]):
+        assert main(["baseline", *argv, "--out", str(good_set)]) == 2
+    assert (good_set.read_bytes(), good_set.with_suffix(".png").read_bytes()) == before
+    assert sorted(p.name for p in good_set.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_console_entry_point_exits_2_without_traceback(tmp_path):
+    env = {**os.environ, "INFODISTILL_DATA": str(tmp_path)}
+    completed = subprocess.run([sys.executable, "-m", "infodistill", "evaluate", str(tmp_path / "none.safetensors")],
+                               capture_output=True, text=True, env=env)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().count("\n") == 0 and "does not exist" in completed.stderr
+    helped = subprocess.run([sys.executable, "-m", "infodistill", "evaluate", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--epochs" in helped.stdout
