@@ -29,6 +29,7 @@ def test_lr_schedule_drops_tenfold_for_the_second_half():
     assert lr_at_epoch(0.01, 999, 1000) == pytest.approx(0.001)
     assert [lr_at_epoch(1.0, epoch, 3) for epoch in range(3)] == [1.0, 1.0, pytest.approx(0.1)]
     assert lr_at_epoch(1.0, 0, 1) == 1.0
+    assert [lr_at_epoch(0.5, epoch, 4, "constant") for epoch in range(4)] == [0.5] * 4
 
 
 def test_run_seeds_are_reproducible_and_distinct():

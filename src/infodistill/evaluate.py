@@ -33,6 +33,7 @@ from infodistill.errors import UserInputError
 from infodistill.models import build_model, parse_model_name
 
 AUGMENTATIONS = ("dsa", "none")
+LR_SCHEDULES = ("half", "constant")
 BATCHED_CHOICES = ("auto", "on", "off")
 
 
@@ -48,6 +49,7 @@ class EvalConfig:
     weight_decay: float = 5e-4
     batch_size: int = 256
     augment: str = "dsa"
+    lr_schedule: str = "half"
     seed: int = 0
     batched: str = "auto"
     use_soft_labels: bool = True
@@ -70,6 +72,8 @@ class EvalConfig:
             raise UserInputError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.augment not in AUGMENTATIONS:
             raise UserInputError(f"augment '{self.augment}' is not one of: {', '.join(AUGMENTATIONS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserInputError(f"lr_schedule '{self.lr_schedule}' is not one of: {', '.join(LR_SCHEDULES)}")
         if self.batched not in BATCHED_CHOICES:
             raise UserInputError(f"batched '{self.batched}' is not one of: {', '.join(BATCHED_CHOICES)}")
         parse_model_name(self.model)
@@ -145,9 +149,11 @@ def check_set_fits(distilled: DistilledSet, info: DatasetInfo) -> None:
         )
 
 
-def lr_at_epoch(base_lr: float, epoch: int, epochs: int) -> float:
-    """Step schedule of the protocol: the base rate, then x0.1 for the second half of the epochs."""
-    return base_lr * (0.1 if epoch >= math.ceil(epochs / 2) else 1.0)
+def lr_at_epoch(base_lr: float, epoch: int, epochs: int, schedule: str = "half") -> float:
+    """The protocol's step schedule ("half"): the base rate, then x0.1 for the second half of the
+    epochs; or the base rate throughout ("constant")."""
+    decayed = schedule == "half" and epoch >= math.ceil(epochs / 2)
+    return base_lr * (0.1 if decayed else 1.0)
 
 
 def _minibatches(size: int, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -188,7 +194,7 @@ def _train_sequential(models: Sequence[nn.Module], job: _TrainingJob) -> None:
                                     weight_decay=config.weight_decay)
         model.train()
         for epoch in range(config.epochs):
-            _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs))
+            _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs, config.lr_schedule))
             for index in _minibatches(len(images), config.batch_size, generator):
                 loss = _run_loss(model(job.augmented(index, generator)), targets[index])
                 optimizer.zero_grad(set_to_none=True)
@@ -214,7 +220,7 @@ def _train_together(models: Sequence[nn.Module], job: _TrainingJob) -> None:
                                 weight_decay=config.weight_decay)
     runs = len(models)
     for epoch in range(config.epochs):
-        _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs))
+        _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs, config.lr_schedule))
         schedules = [_minibatches(len(images), config.batch_size, generator) for generator in generators]
         for step_indices in zip(*schedules):
             batches = [job.augmented(index, generator) for index, generator in zip(step_indices, generators)]

@@ -1,0 +1,98 @@
+"""What a distillation method is: an object that yields matching losses for the shared loop.
+
+The loop (``infodistill.distill``) owns the image optimiser, the regularizers, checkpoints and logs.
+A method only says how to compute its matching loss. One iteration may update the images several
+times (gradient matching has an outer loop, with network training in between), so a method's
+:meth:`Method.iteration` is a generator: it yields one loss per image update; the loop adds the
+regularizers, steps the image optimiser, and resumes the generator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+
+from infodistill.augment import DSA
+from infodistill.data import ClassSampler, DatasetInfo
+from infodistill.errors import UserInputError
+from infodistill.synthetic import SyntheticSet
+
+
+@dataclass
+class DistillContext:
+    """Everything a method may read during one iteration.
+
+    ``generator`` is this iteration's own random stream, derived from the run seed and the
+    iteration number, so an interrupted run that resumes at iteration k draws exactly what an
+    uninterrupted one drew. ``augment`` is the siamese DSA, or None when augmentation is off.
+    """
+
+    iteration: int
+    generator: torch.Generator
+    synthetic: SyntheticSet
+    sampler: ClassSampler
+    info: DatasetInfo
+    augment: DSA | None
+    device: torch.device
+    model_name: str
+
+    def fresh_network(self) -> torch.nn.Module:
+        """A randomly initialised matching network (seeded from this iteration's generator)."""
+        from infodistill.models import build_model
+
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return build_model(self.model_name, channels=self.info.channels, num_classes=self.info.num_classes,
+                           image_size=self.info.image_size, seed=seed).to(self.device)
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    """A method's published settings, used where the config leaves a value unset."""
+
+    iterations: int
+    lr_images: float
+    momentum_images: float
+    batch_real: int
+    augment: bool
+
+
+class Method(ABC):
+    """A distillation method: per iteration, a sequence of matching losses over the synthetic set."""
+
+    name: ClassVar[str]
+
+    @staticmethod
+    @abstractmethod
+    def defaults(ipc: int) -> MethodDefaults:
+        """Published settings for this method at ``ipc`` images per class."""
+
+    @abstractmethod
+    def iteration(self, context: DistillContext) -> Iterator[torch.Tensor]:
+        """Yield one scalar matching loss per image update of this iteration."""
+
+
+METHOD_REGISTRY: dict[str, Callable[..., Method]] = {}
+"""Method name -> factory ``factory(**settings) -> Method``."""
+
+
+def register_method(name: str) -> Callable[[Any], Any]:
+    """Class decorator: make a method available by name (``--method NAME``)."""
+
+    def decorate(cls: Any) -> Any:
+        if name in METHOD_REGISTRY:
+            raise ValueError(f"method '{name}' is registered twice")
+        cls.name = name
+        METHOD_REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def method_class(name: str) -> Any:
+    """The registered class for ``name``, or a one-line error listing the known methods."""
+    if name not in METHOD_REGISTRY:
+        raise UserInputError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHOD_REGISTRY))}")
+    return METHOD_REGISTRY[name]

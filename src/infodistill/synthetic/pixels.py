@@ -1,0 +1,39 @@
+"""The plain parameterisation: every pixel of every synthetic image is a learnable value."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from infodistill.data import ClassSampler
+from infodistill.errors import UserInputError
+from infodistill.synthetic.base import SyntheticSet
+
+INITS = ("real", "noise")
+
+
+class PixelSet(SyntheticSet):
+    """``images_per_class`` learnable images per class, stored as one N x C x H x W tensor."""
+
+    def __init__(self, num_classes: int, images_per_class: int, image_shape: tuple[int, int, int]) -> None:
+        super().__init__(num_classes, images_per_class)
+        self.pixels = nn.Parameter(torch.zeros(num_classes * images_per_class, *image_shape))
+
+    @classmethod
+    def initialise(
+        cls, sampler: ClassSampler, images_per_class: int, init: str, generator: torch.Generator
+    ) -> "PixelSet":
+        """Start from randomly drawn real images of each class, or from standard-normal noise."""
+        if init not in INITS:
+            raise UserInputError(f"init '{init}' is not one of: {', '.join(INITS)}")
+        real = sampler.sample_classes(images_per_class, generator)  # classes x ipc x C x H x W
+        synthetic = cls(sampler.num_classes, images_per_class, tuple(real.shape[2:]))
+        with torch.no_grad():
+            if init == "real":
+                synthetic.pixels.copy_(real.flatten(0, 1).float())
+            else:
+                synthetic.pixels.copy_(torch.randn(synthetic.pixels.shape, generator=generator))
+        return synthetic
+
+    def images(self) -> torch.Tensor:
+        return self.pixels
