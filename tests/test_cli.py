@@ -124,3 +124,60 @@ def test_console_entry_point_exits_2_without_traceback(tmp_path):
     assert completed.stderr.strip().count("\n") == 0 and "does not exist" in completed.stderr
     helped = subprocess.run([sys.executable, "-m", "infodistill", "evaluate", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--epochs" in helped.stdout
+
+
+DISTILL_FAST = ["--model", "ConvNet-2-16", "--batch-real", "16", "--ipc", "2", "--checkpoint-every", "2"]
+
+
+def test_proxies_distill_with_cmi_resume_and_cmi_report(striped_root, tmp_path, capsys):
+    pool = tmp_path / "pool"
+    code, stdout, _ = run(capsys, "proxies", "--arch", "ConvNet-1-8", "--count", "2", "--epochs", "1",
+                          "--out", str(pool), "--json")
+    assert code == 0 and len(json.loads(stdout)["proxies"]) == 2
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "distill", "--method", "dm", *DISTILL_FAST, "--iterations", "2", "--cmi-weight", "auto",
+                          "--proxies", str(pool), "--out", str(out), "--quiet", "--json")
+    assert code == 0
+    first = json.loads(stdout)
+    assert first["regularizer_weights"]["cmi"] > 0 and first["config"]["cmi_weight"] == "auto"
+    # extend the finished run by two iterations: only the flag that changes is needed
+    code, stdout, _ = run(capsys, "distill", "--out", str(out), "--resume", "--iterations", "4", "--quiet", "--json")
+    assert code == 0 and json.loads(stdout)["iterations"] == 4
+    assert json.loads(stdout)["regularizer_weights"] == first["regularizer_weights"]
+    code, stdout, _ = run(capsys, "cmi", str(out / "set.safetensors"), "--proxies", str(pool), "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["pool_size"] == 2 and report["mean"] > 0
+    assert report["mean"] == pytest.approx(sum(report["per_proxy"]) / 2)
+
+
+def test_ipc_1_with_cmi_warns_that_the_term_is_zero(striped_root, tmp_path, capsys, caplog):
+    pool = tmp_path / "pool"
+    assert main(["proxies", "--arch", "ConvNet-1-8", "--count", "1", "--epochs", "1", "--out", str(pool)]) == 0
+    code, _, _ = run(capsys, "distill", "--method", "dm", "--model", "ConvNet-2-16", "--batch-real", "8",
+                     "--ipc", "1", "--iterations", "1", "--cmi-weight", "5", "--proxies", str(pool),
+                     "--out", str(tmp_path / "run"), "--quiet")
+    assert code == 0 and "identically 0 at ipc 1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [(["--cmi-weight", "-2", "--proxies", "p"], "got -2.0"),
+     (["--cmi-weight", "much", "--proxies", "p"], "'much'"),
+     (["--cmi-weight", "100"], "needs a proxy pool"),
+     (["--method", "sorcery"], "unknown method 'sorcery'"),
+     (["--proxies", "absent-pool", "--cmi-weight", "1"], "absent-pool"),
+     (["--ipc", "31"], "31")],
+)
+def test_distill_bad_input(striped_root, tmp_path, capsys, argv, fragment):
+    code, _, stderr = run(capsys, "distill", "--method", "dm", "--iterations", "1", "--out", str(tmp_path / "run"),
+                          "--quiet", *argv)
+    assert code == 2 and fragment in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, fragment", [("ipc: 2\nlearning_rate: 3\n", "unknown key 'learning_rate'"),
+                                            ("ipc: two\n", "'two' is not an integer")])
+def test_distill_config_file_errors(striped_root, tmp_path, capsys, text, fragment):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    code, _, stderr = run(capsys, "distill", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet")
+    assert code == 2 and fragment in stderr

@@ -7,17 +7,27 @@ checked, and everything written goes through a temporary file that is renamed in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from infodistill import __version__
 from infodistill.artefact import grid_path_for, load_set, save_set
-from infodistill.config import build_config
-from infodistill.data import DATASET_NAMES, load_dataset
+from infodistill.config import build_config, load_yaml_mapping
+from infodistill.data import DATASET_NAMES, dataset_info, load_dataset
 from infodistill.errors import UserInputError
-from infodistill.evaluate import AUGMENTATIONS, BATCHED_CHOICES, EvalConfig, evaluate_set, random_subset
+from infodistill.evaluate import (
+    AUGMENTATIONS,
+    BATCHED_CHOICES,
+    EvalConfig,
+    check_set_fits,
+    evaluate_set,
+    random_subset,
+)
 from infodistill.models import model_names_help
 
 DEFAULT_DATASET = "fashion-mnist"
@@ -91,6 +101,92 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_overrides(args: argparse.Namespace) -> dict:
+    """The distillation settings given as flags (None where a flag was not given)."""
+    names = ("dataset", "method", "ipc", "iterations", "param", "init", "model", "lr_images", "momentum_images",
+             "batch_real", "outer_loop", "inner_loop", "lr_net", "cmi_weight", "cmi_auto_fraction", "proxies",
+             "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root", "checkpoint_every", "eval_every",
+             "eval_model", "eval_epochs", "eval_runs")
+    values = {name: getattr(args, name) for name in names}
+    values["augment"] = args.augment
+    return values
+
+
+def _default_run_dir(config) -> Path:
+    dataset = re.sub(r"[^A-Za-z0-9]+", "-", config.dataset).strip("-")
+    suffix = "-cmi" if config.uses_cmi else ""
+    return Path("runs") / f"{config.method}{suffix}-{dataset}-ipc{config.ipc}-seed{config.seed}"
+
+
+def command_distill(args: argparse.Namespace) -> int:
+    """Distil a dataset into a few synthetic images per class with a method and optional CMI regularizer."""
+    from infodistill.distill import CONFIG_NAME, distill, distill_config_from
+
+    values: dict = {}
+    if args.resume:
+        if args.out is None:
+            raise UserInputError("--resume needs --out DIR, the run directory to continue")
+        stored = Path(args.out) / CONFIG_NAME
+        if not stored.is_file():
+            raise UserInputError(f"cannot resume: '{stored}' does not exist (run without --resume first)")
+        values.update({k: v for k, v in load_yaml_mapping(stored).items() if k != "resolved_weights"})
+    if args.config:
+        values.update(load_yaml_mapping(args.config))
+    values.update({name: value for name, value in _distill_overrides(args).items() if value is not None})
+    config = distill_config_from(values, f"config file '{args.config}'" if args.config else "config")
+    config.validate()
+    out_dir = Path(args.out) if args.out else _default_run_dir(config)
+    result = distill(config, out_dir, resume=args.resume, progress=not args.quiet)
+    if args.json:
+        _print_json({"out_dir": str(result.out_dir), "artefact": str(result.artefact),
+                     "regularizer_weights": result.regularizer_weights, "iterations": result.iterations,
+                     "seconds": round(result.seconds, 2), "config": dataclasses.asdict(result.config)})
+    else:
+        weights = ", ".join(f"{name} weight {value:.6g}" for name, value in result.regularizer_weights.items())
+        print(f"wrote {result.artefact} and its grid after {result.iterations} iterations"
+              + (f" ({weights})" if weights else "") + f"; metrics in {result.out_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def command_proxies(args: argparse.Namespace) -> int:
+    """Train a pool of proxy networks (the CMI regularizer's frozen feature extractors)."""
+    from infodistill.pools import train_proxy_pool
+
+    for name in ("count", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    config = EvalConfig(model=args.arch, device=args.device)
+    config.validate()
+    real = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
+    records = train_proxy_pool(real, args.out, arch=args.arch, count=args.count, epochs=args.epochs, seed=args.seed,
+                               device=args.device, progress=not args.json, batch_size=args.batch_size)
+    if args.json:
+        _print_json({"out_dir": str(args.out), "proxies": [{"index": r.index, "seed": r.seed, "path": str(r.path),
+                                                            "test_accuracy": r.test_accuracy} for r in records]})
+    else:
+        for record in records:
+            print(f"{record.path}: test accuracy {record.test_accuracy:.2f} %")
+    return 0
+
+
+def command_cmi(args: argparse.Namespace) -> int:
+    """Report the class-aware CMI of a labelled set under every proxy of a pool (mean and std)."""
+    from infodistill.pools import ProxyPool
+
+    distilled = load_set(args.set)
+    info = dataset_info(distilled.metadata.dataset, data_root=args.data_root)
+    check_set_fits(distilled, info)
+    pool = ProxyPool.load(args.proxies, info, device=args.device)
+    values = pool.cmi(distilled.images, distilled.labels, distilled.num_classes)
+    mean, std = float(values.mean()), float(values.std(unbiased=False))
+    if args.json:
+        _print_json({"set": str(args.set), "proxies": str(args.proxies), "pool_size": len(values), "mean": mean,
+                     "std": std, "per_proxy": [float(v) for v in values]})
+    else:
+        print(f"CMI of {args.set} under {len(values)} proxies: {mean:.6g} +- {std:.3g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="infodistill",
@@ -130,6 +226,70 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_data_flags(evaluate, None)
     evaluate.set_defaults(handler=command_evaluate)
+
+    distill = commands.add_parser("distill", help="distil a dataset with a method and optional CMI regularizer",
+                                  description=command_distill.__doc__ + " Unset values take the method's published "
+                                  "defaults; a --config YAML file may set any of them (flags win).")
+    distill.add_argument("--dataset", metavar="NAME", help="dataset name (default: fashion-mnist)")
+    distill.add_argument("--data-root", metavar="DIR", help="data root (default: $INFODISTILL_DATA or ~/.cache/infodistill/data)")
+    distill.add_argument("--method", metavar="NAME", help="distillation method: dm, dc, dsa (default: dm)")
+    distill.add_argument("--ipc", type=int, metavar="N", help="synthetic images per class (default: 10)")
+    distill.add_argument("--iterations", type=int, metavar="N", help="iterations (default: the method's, DM 20000, DC/DSA 1000)")
+    distill.add_argument("--param", metavar="NAME", help="parameterisation (default: pixels)")
+    distill.add_argument("--init", metavar="real|noise", help="start from real images or noise (default: real)")
+    distill.add_argument("--model", metavar="NAME", help="matching network architecture (default: ConvNet-3)")
+    distill.add_argument("--lr-images", type=float, help="image learning rate (default: the method's)")
+    distill.add_argument("--momentum-images", type=float, help="image SGD momentum (default: 0.5)")
+    distill.add_argument("--batch-real", type=int, metavar="N", help="real images per class per step (default: 256)")
+    distill.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                         help="siamese DSA augmentation (default: on for dm and dsa, off for dc)")
+    distill.add_argument("--outer-loop", type=int, metavar="N", help="gradient matching outer loop (default: by ipc)")
+    distill.add_argument("--inner-loop", type=int, metavar="N", help="gradient matching inner loop (default: by ipc)")
+    distill.add_argument("--lr-net", type=float, help="gradient matching network learning rate (default: 0.01)")
+    distill.add_argument("--cmi-weight", metavar="FLOAT|auto",
+                         help="weight lambda of the CMI regularizer, or 'auto' (default: off)")
+    distill.add_argument("--cmi-auto-fraction", type=float, metavar="F",
+                         help="'auto' makes lambda*CMI this fraction of the matching loss at the start (default: 0.1)")
+    distill.add_argument("--proxies", metavar="DIR", help="proxy pool for CMI (build with `infodistill proxies`)")
+    distill.add_argument("--cmi-every", type=int, metavar="K", help="compute the CMI term every K iterations (default: 1)")
+    distill.add_argument("--cmi-proxies-per-step", type=int, metavar="K",
+                         help="average CMI over K random proxies per step (default: 1, the paper's rule)")
+    distill.add_argument("--seed", type=int, help="seed of the run (default: 0)")
+    distill.add_argument("--device", metavar="cpu|cuda", help="device (default: cpu)")
+    distill.add_argument("--checkpoint-every", type=int, metavar="N", help="iterations between checkpoints (default: 100)")
+    distill.add_argument("--eval-every", type=int, metavar="N", help="evaluate the set every N iterations (default: 0, off)")
+    distill.add_argument("--eval-model", metavar="NAME", help="model of periodic evaluation (default: ConvNet-3)")
+    distill.add_argument("--eval-epochs", type=int, metavar="E", help="epochs of periodic evaluation (default: 300)")
+    distill.add_argument("--eval-runs", type=int, metavar="N", help="runs of periodic evaluation (default: 1)")
+    distill.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these settings (flags win)")
+    distill.add_argument("--out", metavar="DIR", help="run directory (default: runs/METHOD[-cmi]-DATASET-ipcN-seedS)")
+    distill.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    distill.add_argument("--quiet", action="store_true", help="no progress bar")
+    distill.add_argument("--json", action="store_true", help="print the result as JSON")
+    distill.set_defaults(handler=command_distill)
+
+    proxies = commands.add_parser("proxies", help="train a pool of proxy networks for the CMI regularizer",
+                                  description=command_proxies.__doc__ + " Recipe of the CMI paper: SGD lr 0.01, "
+                                  "momentum 0.9, weight decay 1e-3, batch 256, no augmentation.")
+    _add_data_flags(proxies, DEFAULT_DATASET)
+    proxies.add_argument("--arch", default="ResNet18", metavar="NAME", help="proxy architecture (default: ResNet18)")
+    proxies.add_argument("--count", type=int, default=8, metavar="K", help="number of proxies (default: 8)")
+    proxies.add_argument("--epochs", type=int, default=40, metavar="E", help="training epochs per proxy (default: 40)")
+    proxies.add_argument("--batch-size", type=int, default=256, metavar="N", help="batch size (default: 256)")
+    proxies.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    proxies.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default: cpu)")
+    proxies.add_argument("--out", required=True, metavar="DIR", help="pool directory (proxies are added to it)")
+    proxies.add_argument("--json", action="store_true", help="print the result as JSON")
+    proxies.set_defaults(handler=command_proxies)
+
+    cmi = commands.add_parser("cmi", help="the class-aware CMI of a labelled set under a proxy pool",
+                              description=command_cmi.__doc__)
+    cmi.add_argument("set", metavar="SET.safetensors", help="artefact to measure")
+    cmi.add_argument("--proxies", required=True, metavar="DIR", help="proxy pool directory")
+    cmi.add_argument("--data-root", metavar="DIR", help="data root (only needed for folder: datasets)")
+    cmi.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default: cpu)")
+    cmi.add_argument("--json", action="store_true", help="print the result as JSON")
+    cmi.set_defaults(handler=command_cmi)
     return parser
 
 
@@ -137,11 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``infodistill`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    logging.basicConfig(format="infodistill: %(levelname)s: %(message)s", level=logging.WARNING)
+    from infodistill.distill import LossDiverged
+
     try:
         return handler(args)
     except UserInputError as error:
         print(f"infodistill {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except LossDiverged as error:
+        print(f"infodistill {args.command}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"infodistill {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -48,6 +48,22 @@ class DistillContext:
                            image_size=self.info.image_size, seed=seed).to(self.device)
 
 
+    def paired_class_batches(self, batch_real: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per class: a real batch of up to ``batch_real`` images and the class's synthetic images,
+        both transformed by one shared DSA draw when augmenting (siamese)."""
+        synthetic = self.synthetic.images_by_class()
+        real_by_class: list[torch.Tensor] = []
+        synthetic_by_class: list[torch.Tensor] = []
+        for label in range(self.synthetic.num_classes):
+            real = self.sampler.sample(label, min(batch_real, self.sampler.class_count(label)), self.generator)
+            syn = synthetic[label]
+            if self.augment is not None:
+                real, syn = self.augment.siamese([real, syn], self.generator)
+            real_by_class.append(real)
+            synthetic_by_class.append(syn)
+        return real_by_class, synthetic_by_class
+
+
 @dataclass(frozen=True)
 class MethodDefaults:
     """A method's published settings, used where the config leaves a value unset."""

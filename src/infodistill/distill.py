@@ -1,0 +1,441 @@
+"""The distillation loop: one loop for every method x parameterisation x regularizers.
+
+Per iteration the loop builds a :class:`~infodistill.methods.DistillContext` with the iteration's own
+random stream, and for each matching loss the method yields it adds the weighted regularizers,
+steps the image optimiser, and logs every term. Around that it keeps the run safe and repeatable:
+
+- seeds: every iteration draws from a generator derived from (seed, iteration), so a run resumed
+  from a checkpoint at iteration k continues exactly as the uninterrupted run did (bit for bit on CPU);
+- checkpoints: the synthetic set, the optimiser's momentum and the resolved settings, written
+  atomically every ``checkpoint_every`` iterations; ``resume`` continues from the last one;
+- a loss that becomes NaN or infinite stops the run; the last good checkpoint stays as it was;
+- logs: every loss term per iteration to ``metrics.jsonl`` and TensorBoard (``tb/``);
+- output: the artefact ``set.safetensors`` with its PNG grid, and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from infodistill import __version__
+from infodistill.artefact import DistilledSet, SetMetadata, save_set
+from infodistill.augment import DSA
+from infodistill.config import config_from_mapping
+from infodistill.data import ClassSampler, RealData, load_dataset
+from infodistill.errors import UserInputError
+from infodistill.evaluate import EvalConfig, evaluate_set, resolve_device
+from infodistill.files import atomic_path
+from infodistill.methods import DistillContext, Method, MethodDefaults, method_class
+from infodistill.models import parse_model_name
+from infodistill.regularizers import CMIRegularizer, Regularizer
+from infodistill.synthetic import PixelSet, SyntheticSet
+from infodistill.synthetic.pixels import INITS
+
+log = logging.getLogger("infodistill")
+
+PARAMETERISATIONS = ("pixels",)
+CHECKPOINT_NAME = "checkpoint.safetensors"
+ARTEFACT_NAME = "set.safetensors"
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+# Settings that may differ between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "eval_every", "eval_epochs", "eval_runs", "eval_model",
+                     "device", "data_root")
+
+
+class LossDiverged(RuntimeError):
+    """A loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that defines a distillation run. ``None`` means: the method's published default."""
+
+    dataset: str = "fashion-mnist"
+    method: str = "dm"
+    ipc: int = 10
+    iterations: int | None = None
+    param: str = "pixels"
+    init: str = "real"
+    model: str = "ConvNet-3"
+    lr_images: float | None = None
+    momentum_images: float | None = None
+    batch_real: int | None = None
+    augment: bool | None = None
+    outer_loop: int | None = None
+    inner_loop: int | None = None
+    lr_net: float = 0.01
+    cmi_weight: float | str | None = None
+    cmi_auto_fraction: float = 0.1
+    proxies: str | None = None
+    cmi_every: int = 1
+    cmi_proxies_per_step: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    data_root: str | None = None
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    eval_model: str = "ConvNet-3"
+    eval_epochs: int = 300
+    eval_runs: int = 1
+
+    def validate(self) -> None:
+        """Refuse values outside their range with one line naming the value and what is allowed."""
+        method_class(self.method)
+        if self.ipc < 1:
+            raise UserInputError(f"ipc must be a positive integer, got {self.ipc}")
+        if self.seed < 0:
+            raise UserInputError(f"seed must be >= 0, got {self.seed}")
+        if self.param not in PARAMETERISATIONS:
+            raise UserInputError(f"param '{self.param}' is not one of: {', '.join(PARAMETERISATIONS)}")
+        if self.init not in INITS:
+            raise UserInputError(f"init '{self.init}' is not one of: {', '.join(INITS)}")
+        parse_model_name(self.model)
+        parse_model_name(self.eval_model)
+        for name in ("iterations", "batch_real", "outer_loop", "inner_loop"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {value}")
+        for name in ("checkpoint_every", "cmi_every", "cmi_proxies_per_step", "eval_epochs", "eval_runs"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise UserInputError(f"eval_every must be >= 0 (0 turns periodic evaluation off), got {self.eval_every}")
+        for name in ("lr_images", "lr_net", "cmi_auto_fraction"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserInputError(f"{name} must be positive, got {value}")
+        if self.momentum_images is not None and not 0 <= self.momentum_images < 1:
+            raise UserInputError(f"momentum_images must be in [0, 1), got {self.momentum_images}")
+        weight = self.cmi_weight
+        if isinstance(weight, str) and weight != "auto":
+            raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{weight}'")
+        if isinstance(weight, float) and not (weight >= 0 and np.isfinite(weight)):
+            raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got {weight}")
+        if self.uses_cmi and self.proxies is None:
+            raise UserInputError("a CMI weight needs a proxy pool: pass --proxies DIR (build one with `infodistill proxies`)")
+        resolve_device(self.device)
+
+    @property
+    def uses_cmi(self) -> bool:
+        return self.cmi_weight == "auto" or (isinstance(self.cmi_weight, float) and self.cmi_weight > 0)
+
+    def with_method_defaults(self) -> "DistillConfig":
+        """The same config with every unset field filled from the method's published settings."""
+        defaults: MethodDefaults = method_class(self.method).defaults(self.ipc)
+        filled = {name: getattr(defaults, name) for name in ("iterations", "lr_images", "momentum_images",
+                                                             "batch_real", "augment")
+                  if getattr(self, name) is None}
+        return dataclasses.replace(self, **filled)
+
+
+def distill_config_from(values: dict[str, Any], source: str = "config") -> DistillConfig:
+    """Build and check a :class:`DistillConfig` from a mapping (YAML file plus flags)."""
+    if isinstance(values.get("cmi_weight"), str) and values["cmi_weight"] != "auto":
+        try:
+            values = {**values, "cmi_weight": float(values["cmi_weight"])}
+        except ValueError:
+            raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{values['cmi_weight']}'") from None
+    return config_from_mapping(DistillConfig, values, source)
+
+
+# Independent random streams of a run: one per iteration, one for the initial set, one for calibration.
+ITERATION_STREAM, INIT_STREAM, CALIBRATION_STREAM = 0, 1, 2
+
+
+def stream_seed(seed: int, stream: int, index: int = 0) -> int:
+    """Seed of one random stream, fixed by (run seed, stream, index) and independent of every other."""
+    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class RegularizerTerm:
+    """A regularizer with its weight and how often it is computed (every ``every`` iterations)."""
+
+    name: str
+    regularizer: Regularizer
+    weight: float
+    every: int = 1
+
+    def active(self, iteration: int) -> bool:
+        return self.weight > 0 and iteration % self.every == 0
+
+
+@dataclass
+class DistillResult:
+    """Where a finished run wrote its outputs, and the settings it resolved."""
+
+    out_dir: Path
+    artefact: Path
+    config: DistillConfig
+    regularizer_weights: dict[str, float]
+    iterations: int
+    seconds: float
+
+
+class RunFiles:
+    """The files of one run directory."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.root = Path(out_dir)
+        self.checkpoint = self.root / CHECKPOINT_NAME
+        self.artefact = self.root / ARTEFACT_NAME
+        self.config = self.root / CONFIG_NAME
+        self.metrics = self.root / METRICS_NAME
+        self.tensorboard = self.root / "tb"
+
+
+def _build_method(config: DistillConfig) -> Method:
+    """The method object, given those config fields that its constructor takes (same names)."""
+    cls = method_class(config.method)
+    accepted = inspect.signature(cls).parameters
+    settings = {name: getattr(config, name) for name in accepted if hasattr(config, name)}
+    return cls(**{name: value for name, value in settings.items() if value is not None})
+
+
+def _make_context(config: DistillConfig, iteration: int, synthetic: SyntheticSet, sampler: ClassSampler,
+                  real: RealData, augment: DSA | None, device: torch.device,
+                  stream: int = ITERATION_STREAM) -> DistillContext:
+    generator = torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration))
+    return DistillContext(iteration=iteration, generator=generator, synthetic=synthetic, sampler=sampler,
+                          info=real.info, augment=augment, device=device, model_name=config.model)
+
+
+def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: DistillContext, fraction: float) -> float:
+    """The 'auto' rule: lambda such that lambda * CMI = fraction * matching loss on the initial set.
+
+    The matching loss is the method's first loss on the initial synthetic set; CMI is the mean over
+    the whole proxy pool (not one random draw), so the weight does not hinge on one proxy.
+    Drawn from a separate random stream, so calibrating does not change the run's iterations.
+    """
+    losses: Iterator[torch.Tensor] = method.iteration(context)
+    matching = float(next(losses).detach())
+    losses.close()
+    synthetic = context.synthetic
+    with torch.no_grad():
+        cmi = float(regularizer.pool.cmi(synthetic.images(), synthetic.labels, synthetic.num_classes).mean())
+    if cmi <= 0:
+        raise UserInputError("cmi_weight 'auto' cannot calibrate: the initial set's CMI is 0 "
+                             "(one image per class?); give a number instead")
+    return fraction * matching / cmi
+
+
+def _checkpoint_tensors(synthetic: SyntheticSet, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {f"synthetic.{name}": value.detach().cpu().contiguous() for name, value in synthetic.state_dict().items()}
+    for name, parameter in synthetic.named_parameters():
+        buffer = optimizer.state.get(parameter, {}).get("momentum_buffer")
+        if buffer is not None:
+            tensors[f"momentum.{name}"] = buffer.detach().cpu().contiguous()
+    return tensors
+
+
+def save_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
+                    iteration: int, config: DistillConfig, weights: dict[str, float]) -> None:
+    """Write the state after ``iteration`` completed iterations, atomically."""
+    metadata = {"iteration": str(iteration), "config": json.dumps(dataclasses.asdict(config)),
+                "regularizer_weights": json.dumps(weights), "version": __version__}
+    with atomic_path(files.checkpoint) as temporary:
+        save_file(_checkpoint_tensors(synthetic, optimizer), str(temporary), metadata=metadata)
+
+
+def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
+                    config: DistillConfig) -> tuple[int, dict[str, float]]:
+    """Restore a checkpoint into ``synthetic`` and ``optimizer``; return (iteration, regularizer weights)."""
+    path = files.checkpoint
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        iteration = int(metadata["iteration"])
+        stored = json.loads(metadata["config"])
+        weights = json.loads(metadata["regularizer_weights"])
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint") from None
+    current = dataclasses.asdict(config)
+    for key, value in stored.items():
+        if key not in RESUMABLE_CHANGES and current.get(key) != value:
+            raise UserInputError(
+                f"cannot resume '{files.root}': {key} was {value!r} in the run but is {current.get(key)!r} now"
+            )
+    state = {name[len("synthetic."):]: value for name, value in tensors.items() if name.startswith("synthetic.")}
+    try:
+        synthetic.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise UserInputError(f"checkpoint '{path}' does not fit this run: {str(error).splitlines()[0]}") from None
+    for name, parameter in synthetic.named_parameters():
+        if f"momentum.{name}" in tensors:
+            optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum.{name}"].to(parameter.device)
+    if iteration > (config.iterations or 0):
+        raise UserInputError(f"checkpoint '{path}' is at iteration {iteration}, past the requested {config.iterations}")
+    return iteration, weights
+
+
+class MetricsLog:
+    """Per-iteration loss terms to ``metrics.jsonl`` (truncated to the checkpoint on resume) and TensorBoard."""
+
+    def __init__(self, files: RunFiles, start_iteration: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = files.metrics
+        if start_iteration > 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) < start_iteration]
+            with atomic_path(self.path) as temporary:
+                temporary.write_text("".join(line + "\n" for line in kept))
+        elif start_iteration == 0:
+            self.path.write_text("")
+        self.handle = self.path.open("a")
+        self.writer = SummaryWriter(str(files.tensorboard), purge_step=start_iteration if start_iteration else None)
+
+    def write(self, iteration: int, values: dict[str, float]) -> None:
+        self.handle.write(json.dumps({"iteration": iteration, **values}) + "\n")
+        self.handle.flush()
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, iteration)
+
+    def close(self) -> None:
+        self.handle.close()
+        self.writer.close()
+
+
+def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, float], iterations: int) -> SetMetadata:
+    extra = {"model": config.model, "augment": str(config.augment), "init": config.init}
+    if weights:
+        extra.update({"proxies": str(config.proxies), "cmi_every": str(config.cmi_every),
+                      "cmi_proxies_per_step": str(config.cmi_proxies_per_step)})
+    return SetMetadata(dataset=real.info.name, mean=tuple(real.info.mean), std=tuple(real.info.std),
+                       classes=tuple(real.info.class_names), method=config.method, ipc=config.ipc, seed=config.seed,
+                       parameterisation=config.param, regularizers=weights, iterations=iterations, extra=extra)
+
+
+def _prepare_out_dir(files: RunFiles, resume: bool) -> None:
+    if resume:
+        if not files.checkpoint.exists():
+            raise UserInputError(f"cannot resume: '{files.checkpoint}' does not exist (run without --resume first)")
+    elif files.checkpoint.exists() or files.artefact.exists():
+        raise UserInputError(
+            f"'{files.root}' already holds a run; pass --resume to continue it, or choose another --out"
+        )
+
+
+def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+            real: RealData | None = None) -> DistillResult:
+    """Run (or resume) a distillation and write its artefact, config and metrics into ``out_dir``."""
+    started = time.perf_counter()
+    config.validate()
+    config = config.with_method_defaults()
+    files = RunFiles(out_dir)
+    _prepare_out_dir(files, resume)
+    device = resolve_device(config.device)
+    real = real if real is not None else load_dataset(config.dataset, data_root=config.data_root)
+    train_images, train_labels = real.train_tensors()
+    sampler = ClassSampler(train_images.to(device), train_labels.to(device), real.info.num_classes)
+    if config.ipc > sampler.smallest_class_size():
+        raise UserInputError(f"ipc {config.ipc} is above the smallest class size {sampler.smallest_class_size()} of '{real.info.name}'")
+
+    init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
+    synthetic = PixelSet.initialise(sampler, config.ipc, config.init, init_generator).to(device)
+    method = _build_method(config)
+    augment = DSA() if config.augment else None
+    image_parameters = list(synthetic.parameters())
+    optimizer = torch.optim.SGD(image_parameters, lr=config.lr_images, momentum=config.momentum_images)
+
+    terms: list[RegularizerTerm] = []
+    pool_regularizer = None
+    if config.uses_cmi:
+        from infodistill.pools import ProxyPool
+
+        pool = ProxyPool.load(config.proxies, real.info, device=device)
+        pool_regularizer = CMIRegularizer(pool, proxies_per_step=config.cmi_proxies_per_step)
+        if config.ipc == 1 and config.param == "pixels":
+            log.warning("CMI is identically 0 at ipc 1 with pixel images: each class has one image, so its "
+                        "centroid equals that image's output; the term will do nothing")
+
+    start, weights = 0, {}
+    files.root.mkdir(parents=True, exist_ok=True)
+    if resume:
+        start, weights = load_checkpoint(files, synthetic, optimizer, config)
+    elif pool_regularizer is not None:
+        if config.cmi_weight == "auto":
+            context = _make_context(config, 0, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
+            weights = {"cmi": calibrate_cmi_weight(method, pool_regularizer, context, config.cmi_auto_fraction)}
+            log.info("cmi_weight auto: lambda = %.6g", weights["cmi"])
+        else:
+            weights = {"cmi": float(config.cmi_weight)}
+    if pool_regularizer is not None:
+        terms.append(RegularizerTerm("cmi", pool_regularizer, weights["cmi"], config.cmi_every))
+    with atomic_path(files.config) as temporary:
+        temporary.write_text(yaml.safe_dump({**dataclasses.asdict(config), "resolved_weights": weights}, sort_keys=False))
+
+    metrics = MetricsLog(files, start)
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress,
+               desc=f"distill {config.method}" + (" + cmi" if terms else ""), unit="it")
+    last_good = start
+    try:
+        for iteration in bar:
+            context = _make_context(config, iteration, synthetic, sampler, real, augment, device)
+            sums: dict[str, float] = {}
+            updates = 0
+            for matching in method.iteration(context):
+                values = {"loss/" + config.method: matching}
+                total = matching
+                for term in terms:
+                    if term.active(iteration):
+                        value = term.regularizer.loss(synthetic.images(), synthetic.labels, context.generator)
+                        values[f"loss/{term.name}"] = value
+                        total = total + term.weight * value
+                if not torch.isfinite(total):
+                    kept = (f"the last good checkpoint (iteration {last_good}) is kept in '{files.checkpoint}'"
+                            if files.checkpoint.exists() else "no checkpoint was written yet")
+                    raise LossDiverged(f"the loss became {float(total.detach())} at iteration {iteration}; stopped; {kept}")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward(inputs=image_parameters)  # only the images learn here; networks stay untouched
+                optimizer.step()
+                values["loss/total"] = total
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                updates += 1
+            logged = {name: value / max(updates, 1) for name, value in sums.items()}
+            done = iteration + 1
+            if config.eval_every and done % config.eval_every == 0:
+                logged["eval/accuracy"] = _evaluate_now(synthetic, real, config, weights, done)
+            metrics.write(iteration, logged)
+            bar.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in logged.items()})
+            if done % config.checkpoint_every == 0 or done == config.iterations:
+                save_checkpoint(files, synthetic, optimizer, done, config, weights)
+                last_good = done
+    finally:
+        metrics.close()
+        bar.close()
+
+    distilled = DistilledSet(images=synthetic.images().detach().cpu().float().contiguous(),
+                             labels=synthetic.labels.cpu().clone(),
+                             metadata=_set_metadata(config, real, weights, config.iterations))
+    save_set(distilled, files.artefact)
+    return DistillResult(out_dir=files.root, artefact=files.artefact, config=config, regularizer_weights=weights,
+                         iterations=config.iterations, seconds=time.perf_counter() - started)
+
+
+def _evaluate_now(synthetic: SyntheticSet, real: RealData, config: DistillConfig, weights: dict[str, float],
+                  iteration: int) -> float:
+    """Mean test accuracy of the current set under the evaluation protocol (periodic evaluation)."""
+    snapshot = DistilledSet(images=synthetic.images().detach().cpu().float().clone(), labels=synthetic.labels.cpu().clone(),
+                            metadata=_set_metadata(config, real, weights, iteration))
+    eval_config = EvalConfig(model=config.eval_model, epochs=config.eval_epochs, runs=config.eval_runs,
+                             seed=config.seed, device=config.device)
+    return evaluate_set(snapshot, real, eval_config, progress=False).mean

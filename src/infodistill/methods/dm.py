@@ -1,0 +1,129 @@
+"""Distribution matching (DM; Zhao & Bilen, WACV 2023).
+
+One iteration, as in the paper's algorithm box:
+
+    psi <- a freshly initialised network (random, never trained; weights frozen)
+    for each class c:
+        B_c^T <- batch_real random real images of class c;  B_c^S <- the synthetic images of class c
+        A_c   <- one DSA transformation, applied to both batches (siamese), when augmentation is on
+    L = sum_c || mean_{x in B_c^T} psi(A_c(x)) - mean_{s in B_c^S} psi(A_c(s)) ||^2
+    S <- S - lr * grad_S L          (the shared loop steps the image optimiser)
+
+``psi`` is the network's ``embed`` (penultimate features). Real embeddings carry no gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from infodistill.errors import UserInputError
+from infodistill.methods.base import DistillContext, Method, MethodDefaults, register_method
+
+ClassBatches = Sequence[Tensor] | Tensor
+"""Per-class image batches: a list (class c at position c; sizes may differ) or a K x n x C x H x W tensor."""
+
+
+@register_method("dm")
+class DistributionMatching(Method):
+    """Match the mean embedding of real and synthetic images per class under random networks.
+
+    Speed: every class is augmented on its own (each needs its own DSA draw), but all real images
+    are embedded in one forward pass and all synthetic images in another; the class means come
+    from a reshape. With instance norm (the default ``ConvNet``) or no norm, a sample's embedding
+    does not depend on the rest of its batch, so this is exactly the per-class computation. With
+    batch-norm networks the batch statistics change with the batch: the original DM code embeds
+    per class for instance-norm networks and all classes at once for batch-norm ones (which is
+    what the default here does); ``per_class_forward=True`` embeds each class on its own.
+
+    ``max_forward_images`` bounds the real images embedded in one forward pass (whole classes are
+    never split), so that many classes (CIFAR-100, Tiny-ImageNet: 25,600 / 51,200 real images per
+    iteration) do not exhaust device memory; ``None`` embeds every class at once. It does not
+    change the result for instance-norm networks. Synthetic images are always embedded together:
+    their activations are kept for the backward pass either way.
+    """
+
+    def __init__(
+        self,
+        batch_real: int = 256,
+        per_class_forward: bool = False,
+        max_forward_images: int | None = 4096,
+    ) -> None:
+        if isinstance(batch_real, bool) or not isinstance(batch_real, int) or batch_real < 1:
+            raise UserInputError(f"DM batch_real={batch_real!r} is invalid; it must be an integer >= 1")
+        if max_forward_images is not None and (
+            isinstance(max_forward_images, bool) or not isinstance(max_forward_images, int) or max_forward_images < 1
+        ):
+            raise UserInputError(
+                f"DM max_forward_images={max_forward_images!r} is invalid; it must be an integer >= 1 or None"
+            )
+        self.batch_real = batch_real
+        self.per_class_forward = bool(per_class_forward)
+        self.max_forward_images = max_forward_images
+
+    @staticmethod
+    def defaults(ipc: int) -> MethodDefaults:
+        """Published DM settings (the same at every IPC)."""
+        return MethodDefaults(iterations=20000, lr_images=1.0, momentum_images=0.5, batch_real=256, augment=True)
+
+    def iteration(self, context: DistillContext) -> Iterator[Tensor]:
+        """One random network, one loss over all classes, one image update."""
+        network = context.fresh_network()
+        network.train()
+        network.requires_grad_(False)
+
+        real_by_class, synthetic_by_class = context.paired_class_batches(self.batch_real)
+        yield self.matching_loss(network, real_by_class, synthetic_by_class)
+
+    def matching_loss(
+        self, network: nn.Module, real_by_class: ClassBatches, synthetic_by_class: ClassBatches
+    ) -> Tensor:
+        """``sum_c || mean embed(real_c) - mean embed(syn_c) ||^2``; gradients flow only to the synthetic side.
+
+        Batches must already be augmented. ``network`` needs an ``embed(x) -> B x D`` method.
+        """
+        if len(real_by_class) != len(synthetic_by_class):
+            raise ValueError(
+                f"DM: {len(real_by_class)} real class batches but {len(synthetic_by_class)} synthetic ones"
+            )
+        with torch.no_grad():
+            real_means = self._class_means(network, real_by_class, self.max_forward_images)
+        synthetic_means = self._class_means(network, synthetic_by_class, None)
+        return (real_means - synthetic_means).pow(2).sum()
+
+    def _class_means(self, network: nn.Module, batches: ClassBatches, max_images: int | None) -> Tensor:
+        """Mean embedding per class, ``K x D``, from as few forward passes as the settings allow."""
+        if self.per_class_forward:
+            return torch.stack([network.embed(batch).flatten(1).mean(0) for batch in batches])
+        means = [_embed_means(network, group) for group in _class_groups(batches, max_images)]
+        return means[0] if len(means) == 1 else torch.cat(means)
+
+
+def _class_groups(batches: ClassBatches, max_images: int | None) -> list[ClassBatches]:
+    """Consecutive runs of whole classes holding at most ``max_images`` images (at least one class each)."""
+    if max_images is None:
+        return [batches]
+    groups: list[ClassBatches] = []
+    start, count = 0, 0
+    for index in range(len(batches)):
+        size = len(batches[index])
+        if index > start and count + size > max_images:
+            groups.append(batches[start:index])
+            start, count = index, 0
+        count += size
+    groups.append(batches[start:])
+    return groups
+
+
+def _embed_means(network: nn.Module, batches: ClassBatches) -> Tensor:
+    """Embed all classes of ``batches`` in one forward pass; return the per-class means (``K x D``)."""
+    if isinstance(batches, Tensor):
+        classes, per_class = batches.shape[:2]
+        return network.embed(batches.flatten(0, 1)).reshape(classes, per_class, -1).mean(1)
+    sizes = [len(batch) for batch in batches]
+    embeddings = network.embed(torch.cat(list(batches))).flatten(1)
+    if len(set(sizes)) == 1:
+        return embeddings.view(len(sizes), sizes[0], -1).mean(1)
+    return torch.stack([chunk.mean(0) for chunk in embeddings.split(sizes)])

@@ -1,0 +1,528 @@
+"""Proxy pools for the CMI regularizer: build (train), save, load into memory, sample.
+
+A pool is a directory of ``proxy-NNNN.safetensors`` files, one trained network each: its state-dict
+tensors plus string metadata saying which data it fits (dataset, class count, channels, image size,
+normalisation), its architecture and how it was trained. Recipe of the paper (constant): networks
+trained from different random inits on the real training set, 40 epochs, SGD lr 0.01, momentum 0.9,
+weight decay 1e-3, batch 256, no augmentation, constant learning rate; ResNet18 with instance norm.
+
+Loading reads every file once into one stacked tensor per parameter/buffer (K x ...) on the target
+device; each proxy module's tensors are views into that storage, so the pool is held once and
+serves both the paper's rule (draw one module per step) and vectorised passes over several proxies
+(``torch.func.vmap`` over the stacked weights). Nothing is read from disk after loading, and files
+are read with safetensors only (never unpickled).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from infodistill import __version__
+from infodistill.data import DatasetInfo, RealData
+from infodistill.errors import UserInputError
+from infodistill.evaluate import EvalConfig, resolve_device, run_seeds, top1_accuracy, train_from_scratch
+from infodistill.files import atomic_path
+from infodistill.models import build_model, parse_model_name
+from infodistill.regularizers.cmi import cmi_from_features, vectorise_proxies
+
+PROXY_FORMAT = "infodistill-proxy-v1"
+"""Value of the ``format`` metadata field of every proxy file."""
+
+PROXY_FILE_PATTERN = re.compile(r"proxy-([0-9]+)\.safetensors")
+"""Names of the files that make up a pool; other files in the directory are ignored."""
+
+DEFAULT_PROXY_ARCH = "ResNet18"
+
+
+@dataclass(frozen=True)
+class ProxyRecord:
+    """One proxy of a pool: its number (from the file name), training seed, test accuracy (percent) and file.
+
+    ``path`` is None for a pool built from modules in memory.
+    """
+
+    index: int
+    seed: int
+    test_accuracy: float
+    path: Path | None
+
+
+def _parse_image_size(text: str) -> tuple[int, int]:
+    height, width = text.lower().split("x")
+    return int(height), int(width)
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    values = json.loads(text)
+    if not isinstance(values, list):
+        raise ValueError("not a list")
+    return tuple(float(value) for value in values)
+
+
+@dataclass(frozen=True)
+class ProxyMetadata:
+    """The string metadata of a proxy file: what data it fits, what it is, how it was trained."""
+
+    dataset: str
+    arch: str
+    channels: int
+    image_size: tuple[int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    seed: int
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    test_accuracy: float
+    augment: str = "none"
+    version: str = __version__
+    format: str = PROXY_FORMAT
+
+    def to_strings(self) -> dict[str, str]:
+        """Flat string mapping for the safetensors header (image size as ``HxW``, mean/std as JSON lists)."""
+        strings = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name == "image_size":
+                strings[item.name] = f"{value[0]}x{value[1]}"
+            elif isinstance(value, tuple):
+                strings[item.name] = json.dumps(list(value))
+            else:
+                strings[item.name] = str(value) if not isinstance(value, float) else repr(value)
+        return strings
+
+    @classmethod
+    def from_strings(cls, strings: dict[str, str], path: Path) -> "ProxyMetadata":
+        """Parse a header written by :meth:`to_strings`; refuse a missing or malformed field, naming the file."""
+        if strings.get("format") != PROXY_FORMAT:
+            raise UserInputError(
+                f"proxy file {path} has format {strings.get('format')!r}, expected {PROXY_FORMAT!r}: "
+                f"it was not written by 'infodistill proxies'"
+            )
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            if item.name not in strings:
+                raise UserInputError(f"proxy file {path} lacks the metadata field '{item.name}'")
+            raw = strings[item.name]
+            try:
+                values[item.name] = _METADATA_PARSERS[item.name](raw)
+            except (ValueError, TypeError):
+                raise UserInputError(f"proxy file {path}: metadata field '{item.name}' is malformed: {raw[:60]!r}") from None
+        return cls(**values)
+
+
+_METADATA_PARSERS: dict[str, Callable[[str], Any]] = {
+    "dataset": str, "arch": str, "augment": str, "version": str, "format": str,
+    "channels": int, "num_classes": int, "seed": int, "epochs": int, "batch_size": int,
+    "lr": float, "momentum": float, "weight_decay": float, "test_accuracy": float,
+    "image_size": _parse_image_size, "mean": _parse_floats, "std": _parse_floats,
+}
+
+DATA_FIELDS = ("dataset", "num_classes", "channels", "image_size", "mean", "std")
+"""Metadata that must match the dataset a pool is used with."""
+
+BUILD_FIELDS = DATA_FIELDS + ("arch", "epochs", "lr", "momentum", "weight_decay", "batch_size", "augment")
+"""Metadata that must match for a build to add proxies to an existing pool directory."""
+
+
+def _same_value(found: Any, expected: Any) -> bool:
+    if isinstance(found, tuple) and isinstance(expected, tuple):
+        return len(found) == len(expected) and all(_same_value(a, b) for a, b in zip(found, expected))
+    if isinstance(found, float) or isinstance(expected, float):
+        return math.isclose(float(found), float(expected), rel_tol=1e-6, abs_tol=1e-9)
+    return found == expected
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(side, int) for side in value):
+        return f"{value[0]}x{value[1]}"
+    if isinstance(value, tuple):
+        return json.dumps(list(value))
+    return repr(value)
+
+
+def _data_values(info: DatasetInfo) -> dict[str, Any]:
+    return {
+        "dataset": info.name,
+        "num_classes": info.num_classes,
+        "channels": info.channels,
+        "image_size": tuple(info.image_size),
+        "mean": tuple(float(value) for value in info.mean),
+        "std": tuple(float(value) for value in info.std),
+    }
+
+
+def save_proxy(model: nn.Module, path: str | Path, metadata: ProxyMetadata) -> Path:
+    """Write ``model``'s state dict and ``metadata`` to ``path`` atomically (complete or absent)."""
+    path = Path(path)
+    tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata.to_strings())
+    return path
+
+
+def read_proxy_metadata(path: str | Path) -> ProxyMetadata:
+    """The metadata of one proxy file (its header only); refuse an unreadable file, naming it."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            strings = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise UserInputError(f"proxy file {path} is not a readable safetensors file ({error})") from None
+    return ProxyMetadata.from_strings(strings, path)
+
+
+def proxy_files(directory: str | Path) -> list[tuple[int, Path]]:
+    """``(index, path)`` of every ``proxy-NNNN.safetensors`` in ``directory``, by index."""
+    found = []
+    for path in Path(directory).iterdir():
+        match = PROXY_FILE_PATTERN.fullmatch(path.name)
+        if match is not None and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def proxy_file_name(index: int) -> str:
+    """``proxy-0007.safetensors`` for index 7."""
+    return f"proxy-{index:04d}.safetensors"
+
+
+def _fresh_seed(candidate: int, used: set[int]) -> int:
+    """``candidate`` unless an existing proxy already used it; then a seed derived from it, deterministically."""
+    while candidate in used:
+        candidate = run_seeds(candidate, 1)[0]
+    return candidate
+
+
+def train_proxy_pool(
+    real: RealData,
+    out_dir: str | Path,
+    arch: str = DEFAULT_PROXY_ARCH,
+    count: int = 8,
+    epochs: int = 40,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-3,
+    batch_size: int = 256,
+) -> list[ProxyRecord]:
+    """Train proxies on ``real``'s training set and write them to ``out_dir``; return the pool's records.
+
+    ``count`` is the size of the pool wanted in ``out_dir``. Proxies are trained one after another and
+    each is written (atomically) as soon as it is trained, so an interrupted build keeps the finished
+    ones. Proxies already in ``out_dir`` count toward ``count`` when they were built for the same data
+    with the same architecture and recipe (otherwise: ``UserInputError`` naming the field); new ones
+    are numbered after the highest existing number. The proxy numbered i is trained with seed
+    ``run_seeds(seed, i + 1)[i]`` (replaced by a derived one if an existing proxy already used it), so
+    an interrupted build continued with the same arguments ends with the same files as one never
+    interrupted. Each proxy's accuracy on the real test set is recorded in its metadata. Returns the
+    records of every proxy in ``out_dir``, existing and new, by index.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserInputError(f"count must be a positive integer, got {count!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserInputError(f"seed must be a non-negative integer, got {seed!r}")
+    config = EvalConfig(model=arch, runs=1, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        batch_size=batch_size, augment="none", lr_schedule="constant", seed=seed, device=device)
+    config.validate()
+    canonical_arch = parse_model_name(arch).canonical_name
+    info = real.info
+    planned = dict(_data_values(info), arch=canonical_arch, epochs=epochs, lr=float(lr), momentum=float(momentum),
+                   weight_decay=float(weight_decay), batch_size=batch_size, augment="none")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"proxy output {out_dir} exists and is not a directory; pass a directory")
+
+    records: list[ProxyRecord] = []
+    used_seeds: set[int] = set()
+    existing = proxy_files(out_dir) if out_dir.is_dir() else []
+    for index, path in existing:
+        metadata = read_proxy_metadata(path)
+        for name in BUILD_FIELDS:
+            found = getattr(metadata, name)
+            if not _same_value(found, planned[name]):
+                raise UserInputError(
+                    f"{out_dir} already holds proxies with {name} {_shown(found)} ({path.name}), but this build "
+                    f"has {name} {_shown(planned[name])}; use another output directory"
+                )
+        records.append(ProxyRecord(index, metadata.seed, metadata.test_accuracy, path))
+        used_seeds.add(metadata.seed)
+    to_train = count - len(existing)
+    if to_train <= 0:
+        return records
+
+    first_index = existing[-1][0] + 1 if existing else 0
+    candidate_seeds = run_seeds(seed, first_index + to_train)
+    train_images, train_labels = real.train_tensors()
+    test_images, test_labels = real.test_tensors()
+    bar = tqdm(total=to_train, desc=f"proxies {canonical_arch}", unit="proxy", disable=not progress)
+    with bar:
+        for index in range(first_index, first_index + to_train):
+            proxy_seed = _fresh_seed(candidate_seeds[index], used_seeds)
+            (model,), _ = train_from_scratch(train_images, train_labels, info.num_classes, config, [proxy_seed],
+                                             progress=progress)
+            accuracy = top1_accuracy(model, test_images, test_labels)
+            metadata = ProxyMetadata(seed=proxy_seed, test_accuracy=accuracy, **planned)
+            path = save_proxy(model, out_dir / proxy_file_name(index), metadata)
+            records.append(ProxyRecord(index, proxy_seed, accuracy, path))
+            used_seeds.add(proxy_seed)
+            bar.set_postfix(test_acc=f"{accuracy:.1f}%")
+            bar.update(1)
+    return records
+
+
+class _EmbedForward(nn.Module):
+    """A wrapper whose ``forward`` is the wrapped model's ``embed`` (functional_call calls ``forward``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.embed(images)
+
+
+EMBED_PREFIX = "model."
+"""Prefix of the stacked state's names as seen by the :class:`_EmbedForward` template."""
+
+
+@dataclass(frozen=True)
+class StackedProxies:
+    """Several proxies as one set of stacked tensors (K x ...), for one vectorised forward pass.
+
+    ``template`` is a weightless (meta-device) module whose forward is the proxies' ``embed``;
+    ``state`` maps its parameter and buffer names to tensors stacked over the K proxies;
+    ``indices`` are the pool indices of the K proxies, in stacking order.
+    """
+
+    template: nn.Module
+    state: dict[str, Tensor]
+    indices: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Penultimate features of ``images`` under every proxy: K x N x D (differentiable w.r.t. images)."""
+
+        def embed_one(state: dict[str, Tensor], batch: Tensor) -> Tensor:
+            return functional_call(self.template, state, (batch,))
+
+        return vmap(embed_one, in_dims=(0, None))(self.state, images)
+
+
+class ProxyPool:
+    """K frozen proxy networks of one architecture, held in memory on one device, sampled at random.
+
+    Build one with :meth:`load` (a directory written by :func:`train_proxy_pool`) or from modules in
+    memory. Every proxy is in eval mode with ``requires_grad`` off; its tensors are views into the
+    pool's stacked storage, which :meth:`stacked` and :meth:`cmi` use for vectorised passes.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        arch: str,
+        info: DatasetInfo,
+        records: Sequence[ProxyRecord] | None = None,
+    ) -> None:
+        """A pool over copies of ``models`` (the given modules are left unchanged), on their device."""
+        if not models:
+            raise UserInputError("a proxy pool needs at least one model")
+        states = [model.state_dict() for model in models]
+        keys = list(states[0])
+        for position, state in enumerate(states):
+            if list(state) != keys or any(state[key].shape != states[0][key].shape for key in keys):
+                raise UserInputError(f"model {position} of the pool does not have the architecture of model 0 ({arch})")
+        stacked = {key: torch.stack([state[key].detach() for state in states]) for key in keys}
+        if records is None:
+            records = [ProxyRecord(index, -1, float("nan"), None) for index in range(len(models))]
+        self._setup(models[0], stacked, parse_model_name(arch).canonical_name, info, records)
+
+    def _setup(
+        self, template: nn.Module, state: dict[str, Tensor], arch: str, info: DatasetInfo, records: Sequence[ProxyRecord]
+    ) -> None:
+        count = len(next(iter(state.values())))
+        if len(records) != count:
+            raise ValueError(f"{len(records)} records for {count} proxies")
+        meta_template = copy.deepcopy(template).to("meta").eval().requires_grad_(False)
+        state_names = {name for name, _ in meta_template.named_parameters()} | {
+            name for name, _ in meta_template.named_buffers()
+        }
+        if state_names != set(state):
+            raise ValueError(f"{arch}: parameters and buffers {sorted(state_names ^ set(state))} are not in the state dict")
+        self.arch = arch
+        self.info = info
+        self.records: tuple[ProxyRecord, ...] = tuple(records)
+        self.device = next(iter(state.values())).device
+        self._state = state
+        self._template = _EmbedForward(meta_template)
+        self._models: list[nn.Module] = []
+        for position in range(count):
+            model = copy.deepcopy(meta_template)
+            model.load_state_dict({name: tensor[position] for name, tensor in state.items()}, strict=True, assign=True)
+            self._models.append(model.eval().requires_grad_(False))
+
+    @classmethod
+    def load(cls, directory: str | Path, info: DatasetInfo, device: str = "cpu") -> "ProxyPool":
+        """Read every ``proxy-NNNN.safetensors`` of ``directory`` once, onto ``device``.
+
+        Refuses (``UserInputError``, one line) a missing or empty directory, an unreadable or corrupt
+        file (named), a pool built for other data than ``info`` (naming the field, the pool's value and
+        the expected one), and a directory mixing architectures.
+        """
+        directory = Path(directory)
+        target = resolve_device(device)
+        how_to_build = f"build one with 'infodistill proxies --dataset {info.name} --out {directory}'"
+        if not directory.is_dir():
+            raise UserInputError(f"proxy pool directory {directory} does not exist; {how_to_build}")
+        files = proxy_files(directory)
+        if not files:
+            raise UserInputError(f"proxy pool directory {directory} holds no proxy-NNNN.safetensors files; {how_to_build}")
+        expected_data = _data_values(info)
+        arch: str | None = None
+        template: nn.Module | None = None
+        state: dict[str, Tensor] = {}
+        records = []
+        for position, (index, path) in enumerate(files):
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    metadata = ProxyMetadata.from_strings(handle.metadata() or {}, path)
+                    for name in DATA_FIELDS:
+                        found = getattr(metadata, name)
+                        if not _same_value(found, expected_data[name]):
+                            raise UserInputError(
+                                f"proxy pool {directory} does not fit dataset '{info.name}': {name} is "
+                                f"{_shown(found)} in {path.name}, expected {_shown(expected_data[name])}"
+                            )
+                    if arch is None:
+                        arch = metadata.arch
+                        try:
+                            template = build_model(arch, info.channels, info.num_classes, tuple(info.image_size), seed=0)
+                        except UserInputError as error:
+                            raise UserInputError(f"proxy file {path}: {error}") from None
+                        state = {
+                            name: torch.empty((len(files), *tensor.shape), dtype=tensor.dtype, device=target)
+                            for name, tensor in template.state_dict().items()
+                        }
+                    elif metadata.arch != arch:
+                        raise UserInputError(
+                            f"proxy pool {directory} mixes architectures: arch is {metadata.arch!r} in {path.name}, "
+                            f"expected {arch!r} (as in {files[0][1].name})"
+                        )
+                    names = set(handle.keys())
+                    if names != set(state):
+                        differing = sorted(names ^ set(state))
+                        raise UserInputError(
+                            f"proxy file {path} does not hold the tensors of a {arch}: {len(differing)} names differ "
+                            f"(e.g. {differing[0]!r})"
+                        )
+                    for name, destination in state.items():
+                        tensor = handle.get_tensor(name)
+                        if tensor.shape != destination.shape[1:] or tensor.dtype != destination.dtype:
+                            raise UserInputError(
+                                f"proxy file {path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, a {arch} "
+                                f"needs {destination.dtype} {list(destination.shape[1:])}"
+                            )
+                        destination[position].copy_(tensor)
+            except (SafetensorError, OSError) as error:
+                raise UserInputError(f"proxy file {path} is not a readable safetensors file ({error})") from None
+            records.append(ProxyRecord(index, metadata.seed, metadata.test_accuracy, path))
+        assert arch is not None and template is not None
+        pool = cls.__new__(cls)
+        pool._setup(template, state, arch, info, records)
+        return pool
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        """The proxy at position ``index`` (0..len-1, in file-number order)."""
+        return self._models[index]
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def sample_index(self, generator: torch.Generator) -> int:
+        """Position of one proxy drawn uniformly at random with ``generator``."""
+        return int(torch.randint(len(self), (1,), generator=generator, device=generator.device).item())
+
+    def sample(self, generator: torch.Generator) -> nn.Module:
+        """One proxy drawn uniformly at random with ``generator`` (the paper's rule, once per step)."""
+        return self[self.sample_index(generator)]
+
+    def sample_indices(self, k: int, generator: torch.Generator) -> list[int]:
+        """``k`` distinct positions drawn uniformly at random with ``generator``."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
+            raise UserInputError(f"cannot draw {k!r} distinct proxies from a pool of {len(self)}; allowed are 1..{len(self)}")
+        return torch.randperm(len(self), generator=generator, device=generator.device)[:k].tolist()
+
+    def stacked(self, indices: Sequence[int]) -> StackedProxies:
+        """The proxies at ``indices`` as stacked tensors for :func:`cmi_per_proxy`.
+
+        A run of consecutive ascending indices (the whole pool included) is served as views of the
+        pool's storage with no copy; any other selection gathers the k proxies' tensors.
+        """
+        indices = tuple(int(index) for index in indices)
+        if not indices or any(not 0 <= index < len(self) for index in indices):
+            raise UserInputError(f"proxy indices {list(indices)} must be non-empty and in 0..{len(self) - 1}")
+        start = indices[0]
+        if indices == tuple(range(start, start + len(indices))):
+            state = {EMBED_PREFIX + name: tensor[start : start + len(indices)] for name, tensor in self._state.items()}
+        else:
+            selection = torch.tensor(indices, device=self.device)
+            state = {EMBED_PREFIX + name: tensor.index_select(0, selection) for name, tensor in self._state.items()}
+        return StackedProxies(self._template, state, indices)
+
+    @torch.no_grad()
+    def cmi(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        num_classes: int,
+        chunk: int = 16,
+        image_batch: int = 512,
+        batched: str = "auto",
+    ) -> Tensor:
+        """The empirical CMI of (images, labels) under EVERY proxy of the pool: K values, no gradient.
+
+        With vmap (``batched``, see :func:`~infodistill.regularizers.cmi.vectorise_proxies`) the pool
+        is processed ``chunk`` proxies at a time; images go through in batches of ``image_batch``
+        (features do not depend on the batch: the proxies are in eval mode). Both bound memory.
+        """
+        for name, value in (("chunk", chunk), ("image_batch", image_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        vectorised = vectorise_proxies(batched, self.device)
+        images = images.to(self.device)
+        labels = labels.to(self.device)
+        batches = images.split(image_batch)
+        values = []
+        for start in range(0, len(self), chunk if vectorised else 1):
+            if vectorised:
+                stacked = self.stacked(range(start, min(start + chunk, len(self))))
+                features = torch.cat([stacked.embed(batch) for batch in batches], dim=1)
+            else:
+                features = torch.cat([self[start].embed(batch) for batch in batches]).unsqueeze(0)
+            values.append(cmi_from_features(features, labels, num_classes))
+        return torch.cat(values)

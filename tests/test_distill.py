@@ -1,0 +1,176 @@
+"""The distillation loop: every method runs through it, resume is exact, NaN keeps the checkpoint, CMI works."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from infodistill.artefact import load_set
+from infodistill.data import load_dataset
+from infodistill.distill import (
+    CALIBRATION_STREAM,
+    DistillConfig,
+    LossDiverged,
+    MetricsLog,
+    _build_method,
+    _make_context,
+    calibrate_cmi_weight,
+    distill,
+)
+from infodistill.errors import UserInputError
+from infodistill.methods import METHOD_REGISTRY, register_method
+from infodistill.methods.dm import DistributionMatching
+from infodistill.pools import ProxyPool, train_proxy_pool
+from infodistill.regularizers import CMIRegularizer
+from infodistill.synthetic import PixelSet
+
+TINY = dict(model="ConvNet-2-16", batch_real=16, ipc=3, checkpoint_every=2)
+
+
+@pytest.fixture
+def real(striped_root):
+    return load_dataset("fashion-mnist")
+
+
+@pytest.fixture
+def pool_dir(real, tmp_path):
+    directory = tmp_path / "pool"
+    train_proxy_pool(real, directory, arch="ConvNet-1-8", count=3, epochs=1, progress=False)
+    return directory
+
+
+@pytest.mark.parametrize("method", ["dm", "dc", "dsa"])
+def test_every_method_runs_through_the_loop_and_writes_the_artefact(method, real, tmp_path):
+    config = DistillConfig(method=method, iterations=2, outer_loop=2, inner_loop=1, **TINY)
+    result = distill(config, tmp_path / method, progress=False, real=real)
+    distilled = load_set(result.artefact)
+    assert distilled.images.shape == (30, 1, 28, 28)
+    assert torch.bincount(distilled.labels).tolist() == [3] * 10
+    assert (distilled.metadata.method, distilled.metadata.ipc, distilled.metadata.iterations) == (method, 3, 2)
+    lines = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [0, 1]
+    assert all(f"loss/{method}" in line and "loss/total" in line for line in lines)
+    assert not torch.equal(distilled.images, _initial_images(config, real))
+
+
+def _initial_images(config, real):
+    from infodistill.data import ClassSampler
+    from infodistill.distill import INIT_STREAM, stream_seed
+
+    images, labels = real.train_tensors()
+    generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
+    return PixelSet.initialise(ClassSampler(images, labels, 10), config.ipc, "real", generator).images().detach()
+
+
+def test_a_killed_run_resumed_ends_bit_identical_to_an_uninterrupted_one(real, pool_dir, tmp_path, monkeypatch):
+    config = DistillConfig(method="dm", iterations=6, cmi_weight=50.0, proxies=str(pool_dir), **TINY)
+    whole = distill(config, tmp_path / "whole", progress=False, real=real)
+
+    original_write = MetricsLog.write
+
+    def killed_after_iteration_2(self, iteration, values):
+        original_write(self, iteration, values)
+        if iteration == 2:  # iteration 3 (index 2) done, its checkpoint (every 2) not yet due
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLog, "write", killed_after_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, tmp_path / "killed", progress=False, real=real)
+    monkeypatch.setattr(MetricsLog, "write", original_write)
+    with safe_open(str(tmp_path / "killed" / "checkpoint.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["iteration"] == "2"
+    resumed = distill(config, tmp_path / "killed", resume=True, progress=False, real=real)
+
+    a, b = load_set(whole.artefact), load_set(resumed.artefact)
+    assert torch.equal(a.images, b.images) and a.metadata == b.metadata
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(real, tmp_path):
+    @register_method("nan-after-2")
+    class NanAfterTwo(DistributionMatching):
+        def iteration(self, context):
+            for loss in super().iteration(context):
+                yield loss * float("nan") if context.iteration == 2 else loss
+
+    try:
+        config = DistillConfig(method="nan-after-2", iterations=5, **TINY)
+        with pytest.raises(LossDiverged, match="iteration 2.*iteration 2"):
+            distill(config, tmp_path / "run", progress=False, real=real)
+    finally:
+        METHOD_REGISTRY.pop("nan-after-2")
+    checkpoint = tmp_path / "run" / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        assert handle.metadata()["iteration"] == "2"
+        assert torch.isfinite(handle.get_tensor("synthetic.pixels")).all()
+    assert not (tmp_path / "run" / "set.safetensors").exists()
+
+
+def test_cmi_regularizer_lowers_the_sets_cmi(real, pool_dir, tmp_path):
+    pool = ProxyPool.load(pool_dir, real.info)
+    base = DistillConfig(method="dm", iterations=8, **{**TINY, "checkpoint_every": 8})
+    plain = distill(base, tmp_path / "plain", progress=False, real=real)
+    regularized = distill(dataclasses.replace(base, cmi_weight="auto", cmi_auto_fraction=0.5, proxies=str(pool_dir)),
+                          tmp_path / "cmi", progress=False, real=real)
+    cmi_plain = pool.cmi(*(lambda s: (s.images, s.labels))(load_set(plain.artefact)), 10).mean()
+    cmi_regularized = pool.cmi(*(lambda s: (s.images, s.labels))(load_set(regularized.artefact)), 10).mean()
+    assert cmi_regularized < cmi_plain
+    assert load_set(regularized.artefact).metadata.regularizers == {"cmi": regularized.regularizer_weights["cmi"]}
+
+
+def test_auto_weight_makes_the_weighted_cmi_the_given_fraction_of_the_first_loss(real, pool_dir):
+    config = DistillConfig(method="dm", iterations=1, **TINY).with_method_defaults()
+    images, labels = real.train_tensors()
+    from infodistill.data import ClassSampler
+
+    sampler = ClassSampler(images, labels, 10)
+    synthetic = PixelSet.initialise(sampler, 3, "real", torch.Generator().manual_seed(0))
+    pool = ProxyPool.load(pool_dir, real.info)
+    method = _build_method(config)
+    context = _make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
+    weight = calibrate_cmi_weight(method, CMIRegularizer(pool), context, fraction=0.25)
+    # recompute both sides independently from the same stream
+    context = _make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
+    first_loss = float(next(method.iteration(context)).detach())
+    mean_cmi = float(pool.cmi(synthetic.images().detach(), synthetic.labels, 10).mean())
+    assert weight * mean_cmi == pytest.approx(0.25 * first_loss, rel=1e-5)
+
+
+def test_run_directories_are_protected(real, tmp_path):
+    config = DistillConfig(method="dm", iterations=2, **TINY)
+    distill(config, tmp_path / "run", progress=False, real=real)
+    before = (tmp_path / "run" / "set.safetensors").read_bytes()
+    with pytest.raises(UserInputError, match="already holds a run"):
+        distill(config, tmp_path / "run", progress=False, real=real)
+    with pytest.raises(UserInputError, match="ipc was 3 in the run but is 4 now"):
+        distill(dataclasses.replace(config, ipc=4), tmp_path / "run", resume=True, progress=False, real=real)
+    (tmp_path / "run" / "checkpoint.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserInputError, match="corrupt"):
+        distill(config, tmp_path / "run", resume=True, progress=False, real=real)
+    with pytest.raises(UserInputError, match="does not exist"):
+        distill(config, tmp_path / "other", resume=True, progress=False, real=real)
+    assert (tmp_path / "run" / "set.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [({"cmi_weight": -1.0, "proxies": "p"}, "cmi_weight must be a number >= 0"),
+     ({"cmi_weight": "lots", "proxies": "p"}, "'lots'"),
+     ({"cmi_weight": 10.0}, "needs a proxy pool"),
+     ({"method": "dd"}, "unknown method 'dd'"),
+     ({"ipc": 0}, "ipc must be a positive integer"),
+     ({"param": "wavelets"}, "param 'wavelets'")],
+)
+def test_bad_settings_are_refused(changes, fragment):
+    with pytest.raises(UserInputError, match=fragment):
+        dataclasses.replace(DistillConfig(), **changes).validate()
+
+
+def test_a_pool_for_another_dataset_is_refused(real, tmp_path):
+    other = dataclasses.replace(real, info=dataclasses.replace(real.info, name="mnist", mean=(0.1307,), std=(0.3081,)))
+    train_proxy_pool(other, tmp_path / "mnist-pool", arch="ConvNet-1-8", count=1, epochs=1, progress=False)
+    config = DistillConfig(method="dm", iterations=1, cmi_weight=1.0, proxies=str(tmp_path / "mnist-pool"), **TINY)
+    with pytest.raises(UserInputError, match="mnist"):
+        distill(config, tmp_path / "run", progress=False, real=real)
