@@ -234,6 +234,34 @@ def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: D
     return fraction * matching / cmi
 
 
+def run_iteration(method: Method, terms: list[RegularizerTerm], context: DistillContext,
+                  optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """One iteration: for every matching loss the method yields, add the active regularizers and
+    update the images. Returns each loss term averaged over the iteration's image updates."""
+    synthetic = context.synthetic
+    image_parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    sums: dict[str, float] = {}
+    updates = 0
+    for matching in method.iteration(context):
+        values = {f"loss/{method.name}": matching}
+        total = matching
+        for term in terms:
+            if term.active(context.iteration):
+                value = term.regularizer.loss(synthetic.images(), synthetic.labels, context.generator)
+                values[f"loss/{term.name}"] = value
+                total = total + term.weight * value
+        if not torch.isfinite(total):
+            raise LossDiverged(f"the loss became {float(total.detach())} at iteration {context.iteration}")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward(inputs=image_parameters)  # only the images learn here; networks stay untouched
+        optimizer.step()
+        values["loss/total"] = total
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        updates += 1
+    return {name: value / max(updates, 1) for name, value in sums.items()}
+
+
 def _checkpoint_tensors(synthetic: SyntheticSet, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     tensors = {f"synthetic.{name}": value.detach().cpu().contiguous() for name, value in synthetic.state_dict().items()}
     for name, parameter in synthetic.named_parameters():
@@ -352,8 +380,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     synthetic = PixelSet.initialise(sampler, config.ipc, config.init, init_generator).to(device)
     method = _build_method(config)
     augment = DSA() if config.augment else None
-    image_parameters = list(synthetic.parameters())
-    optimizer = torch.optim.SGD(image_parameters, lr=config.lr_images, momentum=config.momentum_images)
+    optimizer = torch.optim.SGD(synthetic.parameters(), lr=config.lr_images, momentum=config.momentum_images)
 
     terms: list[RegularizerTerm] = []
     pool_regularizer = None
@@ -389,28 +416,12 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     try:
         for iteration in bar:
             context = _make_context(config, iteration, synthetic, sampler, real, augment, device)
-            sums: dict[str, float] = {}
-            updates = 0
-            for matching in method.iteration(context):
-                values = {"loss/" + config.method: matching}
-                total = matching
-                for term in terms:
-                    if term.active(iteration):
-                        value = term.regularizer.loss(synthetic.images(), synthetic.labels, context.generator)
-                        values[f"loss/{term.name}"] = value
-                        total = total + term.weight * value
-                if not torch.isfinite(total):
-                    kept = (f"the last good checkpoint (iteration {last_good}) is kept in '{files.checkpoint}'"
-                            if files.checkpoint.exists() else "no checkpoint was written yet")
-                    raise LossDiverged(f"the loss became {float(total.detach())} at iteration {iteration}; stopped; {kept}")
-                optimizer.zero_grad(set_to_none=True)
-                total.backward(inputs=image_parameters)  # only the images learn here; networks stay untouched
-                optimizer.step()
-                values["loss/total"] = total
-                for name, value in values.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
-                updates += 1
-            logged = {name: value / max(updates, 1) for name, value in sums.items()}
+            try:
+                logged = run_iteration(method, terms, context, optimizer)
+            except LossDiverged as diverged:
+                kept = (f"the last good checkpoint (iteration {last_good}) is kept in '{files.checkpoint}'"
+                        if files.checkpoint.exists() else "no checkpoint was written yet")
+                raise LossDiverged(f"{diverged}; stopped; {kept}") from None
             done = iteration + 1
             if config.eval_every and done % config.eval_every == 0:
                 logged["eval/accuracy"] = _evaluate_now(synthetic, real, config, weights, done)
