@@ -48,15 +48,18 @@ def reference_dm_iteration(context, batch_real: int, optimizer) -> None:
     optimizer.step()
 
 
-def timed(step, repeats: int) -> float:
-    """Median seconds of ``step(i)`` over ``repeats`` calls, after one warm-up call."""
-    step(-1)
-    times = []
+def timed_round_robin(steps: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each step, calling the steps in turn so that drifts in machine
+    load hit all of them alike; one warm-up call each first."""
+    for step in steps.values():
+        step(-1)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for index in range(repeats):
-        started = time.perf_counter()
-        step(index)
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step(index)
+            times[name].append(time.perf_counter() - started)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def main() -> None:
@@ -94,12 +97,13 @@ def main() -> None:
         models = [build_model(arch, info.channels, info.num_classes, info.image_size, seed=k) for k in range(2)]
         pools[arch] = ProxyPool(models, arch, info)
 
-    seconds = {"dm": timed(library_step([]), args.repeats), "reference": timed(reference_step, args.repeats)}
+    steps = {"dm": library_step([]), "reference": reference_step}
     for arch, pool in pools.items():
-        regularizer = CMIRegularizer(pool)
-        seconds[f"dm+cmi[{arch}]"] = timed(library_step([RegularizerTerm("cmi", regularizer, 1000.0, 1)]), args.repeats)
-        # a median would hide the 1-in-4 cost: the amortised mean over 8 iterations (2 with the term)
-        step = library_step([RegularizerTerm("cmi", regularizer, 1000.0, 4)])
+        steps[f"dm+cmi[{arch}]"] = library_step([RegularizerTerm("cmi", CMIRegularizer(pool), 1000.0, 1)])
+    seconds = timed_round_robin(steps, args.repeats)
+    for arch, pool in pools.items():
+        # a median would hide the 1-in-4 cost: the mean over 8 iterations, 2 of which compute the term
+        step = library_step([RegularizerTerm("cmi", CMIRegularizer(pool), 1000.0, 4)])
         started = time.perf_counter()
         for index in range(8):
             step(index)

@@ -174,3 +174,11 @@ def test_a_pool_for_another_dataset_is_refused(real, tmp_path):
     config = DistillConfig(method="dm", iterations=1, cmi_weight=1.0, proxies=str(tmp_path / "mnist-pool"), **TINY)
     with pytest.raises(UserInputError, match="mnist"):
         distill(config, tmp_path / "run", progress=False, real=real)
+
+
+def test_periodic_evaluation_logs_the_accuracy_of_the_current_set(real, tmp_path):
+    config = DistillConfig(method="dm", iterations=2, eval_every=2, eval_epochs=2, eval_runs=1,
+                           eval_model="ConvNet-1-8", **TINY)
+    distill(config, tmp_path / "run", progress=False, real=real)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/accuracy" not in lines[0] and 0.0 <= lines[1]["eval/accuracy"] <= 100.0

@@ -26,6 +26,10 @@ ClassBatches = Sequence[Tensor] | Tensor
 """Per-class image batches: a list (class c at position c; sizes may differ) or a K x n x C x H x W tensor."""
 
 
+FORWARD_IMAGES_BY_DEVICE = {"cpu": 256, "cuda": 4096}
+"""Real images per no-grad forward pass under ``max_forward_images="auto"`` (benchmarks/bench_distill.py)."""
+
+
 @register_method("dm")
 class DistributionMatching(Method):
     """Match the mean embedding of real and synthetic images per class under random networks.
@@ -40,8 +44,10 @@ class DistributionMatching(Method):
 
     ``max_forward_images`` bounds the real images embedded in one forward pass (whole classes are
     never split), so that many classes (CIFAR-100, Tiny-ImageNet: 25,600 / 51,200 real images per
-    iteration) do not exhaust device memory; ``None`` embeds every class at once. It does not
-    change the result for instance-norm networks. Synthetic images are always embedded together:
+    iteration) do not exhaust device memory; ``None`` embeds every class at once; ``"auto"`` (default)
+    takes the size measured fastest on the device (``FORWARD_IMAGES_BY_DEVICE``: on CPU one 256-image
+    class at a time beat one 2,560-image pass by 1.5x, as large activations leave the cache; on GPUs
+    large passes keep the device busy). It does not change the result for instance-norm networks. Synthetic images are always embedded together:
     their activations are kept for the backward pass either way.
     """
 
@@ -49,15 +55,15 @@ class DistributionMatching(Method):
         self,
         batch_real: int = 256,
         per_class_forward: bool = False,
-        max_forward_images: int | None = 4096,
+        max_forward_images: int | None | str = "auto",
     ) -> None:
         if isinstance(batch_real, bool) or not isinstance(batch_real, int) or batch_real < 1:
             raise UserInputError(f"DM batch_real={batch_real!r} is invalid; it must be an integer >= 1")
-        if max_forward_images is not None and (
+        if max_forward_images not in (None, "auto") and (
             isinstance(max_forward_images, bool) or not isinstance(max_forward_images, int) or max_forward_images < 1
         ):
             raise UserInputError(
-                f"DM max_forward_images={max_forward_images!r} is invalid; it must be an integer >= 1 or None"
+                f"DM max_forward_images={max_forward_images!r} is invalid; it must be an integer >= 1, None or 'auto'"
             )
         self.batch_real = batch_real
         self.per_class_forward = bool(per_class_forward)
@@ -89,7 +95,10 @@ class DistributionMatching(Method):
                 f"DM: {len(real_by_class)} real class batches but {len(synthetic_by_class)} synthetic ones"
             )
         with torch.no_grad():
-            real_means = self._class_means(network, real_by_class, self.max_forward_images)
+            limit = self.max_forward_images
+            if limit == "auto":
+                limit = FORWARD_IMAGES_BY_DEVICE.get(real_by_class[0].device.type, 4096)
+            real_means = self._class_means(network, real_by_class, limit)
         synthetic_means = self._class_means(network, synthetic_by_class, None)
         return (real_means - synthetic_means).pow(2).sum()
 
