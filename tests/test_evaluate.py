@@ -142,3 +142,17 @@ def test_evaluation_learns_a_learnable_set_and_uses_stored_lr_and_soft_labels(st
     soft.lr = torch.tensor([0.02])
     soft_result = evaluate_set(soft, real, EvalConfig(model="ConvNet-2-16", epochs=1, runs=1), progress=False)
     assert (soft_result.labels, soft_result.lr) == ("soft", pytest.approx(0.02))
+
+
+def test_after_epoch_sees_every_epoch_of_every_run_with_the_weights_of_that_moment():
+    images = torch.randn(12, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(12) % 3
+    config = EvalConfig(model="ConvNet-1-8", epochs=3, runs=2, batch_size=12, augment="none", batched="on")
+    seen = []
+    models, together = train_from_scratch(
+        images, labels, 3, config, run_seeds(0, 2), progress=False,
+        after_epoch=lambda run, epoch, model: seen.append((run, epoch, model.classifier.weight.detach().clone())))
+    assert not together  # recording epochs trains the runs one after another
+    assert [(run, epoch) for run, epoch, _ in seen] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert torch.equal(seen[2][2], models[0].classifier.weight) and torch.equal(seen[5][2], models[1].classifier.weight)
+    assert not torch.equal(seen[0][2], seen[1][2])

@@ -181,6 +181,7 @@ class _TrainingJob:
     generators: Sequence[torch.Generator]
     augment: DSA | None
     advance: Callable[[int], None]
+    after_epoch: Callable[[int, int, nn.Module], None] | None = None
 
     def augmented(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch = self.images[index]
@@ -189,7 +190,7 @@ class _TrainingJob:
 
 def _train_sequential(models: Sequence[nn.Module], job: _TrainingJob) -> None:
     images, targets, config, lr = job.images, job.targets, job.config, job.lr
-    for model, generator in zip(models, job.generators):
+    for run, (model, generator) in enumerate(zip(models, job.generators)):
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
         model.train()
@@ -201,6 +202,8 @@ def _train_sequential(models: Sequence[nn.Module], job: _TrainingJob) -> None:
                 loss.backward()
                 optimizer.step()
             job.advance(1)
+            if job.after_epoch is not None:
+                job.after_epoch(run, epoch, model)
 
 
 def _train_together(models: Sequence[nn.Module], job: _TrainingJob) -> None:
@@ -258,11 +261,14 @@ def train_from_scratch(
     seeds: Sequence[int],
     lr: float | None = None,
     progress: bool = True,
+    after_epoch: Callable[[int, int, nn.Module], None] | None = None,
 ) -> tuple[list[nn.Module], bool]:
     """Train one freshly initialised model per seed on (images, targets); return them trained.
 
     ``targets`` are class indices (int64) or probability rows (float, soft labels). Each seed fixes
     the run's initial weights, its minibatch order and its augmentation draws.
+    ``after_epoch(run, epoch, model)`` is called after every epoch of every run (e.g. to record
+    expert trajectories); it makes the runs train one after another.
     Returns the models and whether they were trained together (vectorised).
     """
     device = resolve_device(config.device)
@@ -273,13 +279,13 @@ def train_from_scratch(
     ]
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     augment = DSA() if config.augment == "dsa" else None
-    together = use_batched_training(config, device)
+    together = after_epoch is None and use_batched_training(config, device)
     trainer = _train_together if together else _train_sequential
     bar = tqdm(total=config.epochs * len(models), desc=f"train {config.model} x{len(models)}",
                unit="epoch", disable=not progress, leave=False)
     with bar:
         job = _TrainingJob(images.to(device), targets.to(device), config, lr if lr is not None else config.lr,
-                           generators, augment, bar.update)
+                           generators, augment, bar.update, after_epoch)
         trainer(models, job)
     return models, together
 
