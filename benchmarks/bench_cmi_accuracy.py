@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from infodistill.artefact import load_set, save_set
-from infodistill.data import load_dataset
-from infodistill.distill import CALIBRATION_STREAM, DistillConfig, _build_method, _make_context, distill
+from infodistill.data import ClassSampler, load_dataset
+from infodistill.distill import CALIBRATION_STREAM, DistillConfig, build_method, make_context, distill
 from infodistill.evaluate import EvalConfig, evaluate_set, random_subset
 from infodistill.pools import ProxyPool, proxy_files, train_proxy_pool
 from infodistill.synthetic import PixelSet
+
+from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 PAPER_DM_LAMBDAS = {"cifar10-ipc10": 8000.0, "cifar100-ipc10": 2000.0, "svhn-ipc10": 18000.0}
 
@@ -73,12 +74,10 @@ def main() -> None:
     # what the paper's fixed DM lambdas would amount to here, as a fraction of the initial DM loss
     filled = base.with_method_defaults()
     images, labels = real.train_tensors()
-    from infodistill.data import ClassSampler
-
     sampler = ClassSampler(images, labels, real.info.num_classes)
     initial = PixelSet.initialise(sampler, args.ipc, "real", torch.Generator().manual_seed(0))
-    context = _make_context(filled, 0, initial, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
-    first_loss = float(next(_build_method(filled).iteration(context)).detach())
+    context = make_context(filled, 0, initial, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
+    first_loss = float(next(build_method(filled).iteration(context)).detach())
     initial_cmi = float(pool.cmi(initial.images().detach(), initial.labels, real.info.num_classes).mean())
 
     evaluation = EvalConfig(runs=args.eval_runs, epochs=args.eval_epochs, seed=args.seed)
@@ -103,10 +102,7 @@ def main() -> None:
         "results": rows,
         "dm+cmi_minus_dm_points": round(rows["dm+cmi"]["mean"] - rows["dm"]["mean"], 2),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Proxy weights are random: the cost of the term does not depend on them. Prints o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import time
@@ -24,11 +23,13 @@ import torch
 
 from infodistill.augment import DSA
 from infodistill.data import ClassSampler, load_dataset
-from infodistill.distill import DistillConfig, RegularizerTerm, _build_method, _make_context, run_iteration
+from infodistill.distill import DistillConfig, RegularizerTerm, build_method, make_context, run_iteration
 from infodistill.models import build_model
 from infodistill.pools import ProxyPool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
+
+from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 
 def reference_dm_iteration(context, batch_real: int, optimizer) -> None:
@@ -78,17 +79,17 @@ def main() -> None:
     config = DistillConfig(method="dm", ipc=args.ipc, batch_real=args.batch_real, device=args.device).with_method_defaults()
     synthetic = PixelSet.initialise(sampler, args.ipc, "real", torch.Generator().manual_seed(0)).to(device)
     optimizer = torch.optim.SGD(synthetic.parameters(), lr=config.lr_images, momentum=config.momentum_images)
-    method = _build_method(config)
+    method = build_method(config)
     augment = DSA()
 
     def library_step(terms):
         def step(index):
-            context = _make_context(config, index + 1, synthetic, sampler, real, augment, device)
+            context = make_context(config, index + 1, synthetic, sampler, real, augment, device)
             run_iteration(method, terms, context, optimizer)
         return step
 
     def reference_step(index):
-        context = _make_context(config, index + 1, synthetic, sampler, real, augment, device)
+        context = make_context(config, index + 1, synthetic, sampler, real, augment, device)
         reference_dm_iteration(context, args.batch_real, optimizer)
 
     info = real.info
@@ -121,11 +122,7 @@ def main() -> None:
         "dm_speedup_over_reference": round(seconds["reference"] / dm, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
+    emit_json(report, args.out)
 
 
 if __name__ == "__main__":

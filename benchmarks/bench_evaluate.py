@@ -8,7 +8,6 @@ Prints one JSON object. Every ratio compares two paths measured in this same pro
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from dataclasses import replace
@@ -20,6 +19,8 @@ from infodistill.data import load_dataset
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EvalConfig, random_subset, run_seeds, train_from_scratch
 from infodistill.models import build_model
+
+from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 
 def training_throughput(model_name: str, shape: tuple[int, int, int], batch: int, steps: int, device: str) -> float:
@@ -93,11 +94,7 @@ def main() -> None:
             "projected_sequential_seconds_1000_epochs": round(per_epoch_sequential * 1000, 1),
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

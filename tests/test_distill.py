@@ -14,8 +14,8 @@ from infodistill.distill import (
     DistillConfig,
     LossDiverged,
     MetricsLog,
-    _build_method,
-    _make_context,
+    build_method,
+    make_context,
     calibrate_cmi_weight,
     distill,
 )
@@ -128,11 +128,11 @@ def test_auto_weight_makes_the_weighted_cmi_the_given_fraction_of_the_first_loss
     sampler = ClassSampler(images, labels, 10)
     synthetic = PixelSet.initialise(sampler, 3, "real", torch.Generator().manual_seed(0))
     pool = ProxyPool.load(pool_dir, real.info)
-    method = _build_method(config)
-    context = _make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
+    method = build_method(config)
+    context = make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
     weight = calibrate_cmi_weight(method, CMIRegularizer(pool), context, fraction=0.25)
     # recompute both sides independently from the same stream
-    context = _make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
+    context = make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
     first_loss = float(next(method.iteration(context)).detach())
     mean_cmi = float(pool.cmi(synthetic.images().detach(), synthetic.labels, 10).mean())
     assert weight * mean_cmi == pytest.approx(0.25 * first_loss, rel=1e-5)

@@ -199,7 +199,7 @@ class RunFiles:
         self.tensorboard = self.root / "tb"
 
 
-def _build_method(config: DistillConfig) -> Method:
+def build_method(config: DistillConfig) -> Method:
     """The method object, given those config fields that its constructor takes (same names)."""
     cls = method_class(config.method)
     accepted = inspect.signature(cls).parameters
@@ -207,7 +207,7 @@ def _build_method(config: DistillConfig) -> Method:
     return cls(**{name: value for name, value in settings.items() if value is not None})
 
 
-def _make_context(config: DistillConfig, iteration: int, synthetic: SyntheticSet, sampler: ClassSampler,
+def make_context(config: DistillConfig, iteration: int, synthetic: SyntheticSet, sampler: ClassSampler,
                   real: RealData, augment: DSA | None, device: torch.device,
                   stream: int = ITERATION_STREAM) -> DistillContext:
     generator = torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration))
@@ -378,7 +378,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
 
     init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
     synthetic = PixelSet.initialise(sampler, config.ipc, config.init, init_generator).to(device)
-    method = _build_method(config)
+    method = build_method(config)
     augment = DSA() if config.augment else None
     optimizer = torch.optim.SGD(synthetic.parameters(), lr=config.lr_images, momentum=config.momentum_images)
 
@@ -399,7 +399,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
         start, weights = load_checkpoint(files, synthetic, optimizer, config)
     elif pool_regularizer is not None:
         if config.cmi_weight == "auto":
-            context = _make_context(config, 0, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
+            context = make_context(config, 0, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
             weights = {"cmi": calibrate_cmi_weight(method, pool_regularizer, context, config.cmi_auto_fraction)}
             log.info("cmi_weight auto: lambda = %.6g", weights["cmi"])
         else:
@@ -415,7 +415,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     last_good = start
     try:
         for iteration in bar:
-            context = _make_context(config, iteration, synthetic, sampler, real, augment, device)
+            context = make_context(config, iteration, synthetic, sampler, real, augment, device)
             try:
                 logged = run_iteration(method, terms, context, optimizer)
             except LossDiverged as diverged:

@@ -108,6 +108,15 @@ class ProxyMetadata:
                 strings[item.name] = str(value) if not isinstance(value, float) else repr(value)
         return strings
 
+    def first_mismatch(self, expected: dict[str, Any], fields: Sequence[str]) -> tuple[str, str, str] | None:
+        """The first of ``fields`` whose value differs from ``expected``, as (name, found, expected) for
+        messages; None when all agree."""
+        for name in fields:
+            found = getattr(self, name)
+            if not _same_value(found, expected[name]):
+                return name, _shown(found), _shown(expected[name])
+        return None
+
     @classmethod
     def from_strings(cls, strings: dict[str, str], path: Path) -> "ProxyMetadata":
         """Parse a header written by :meth:`to_strings`; refuse a missing or malformed field, naming the file."""
@@ -257,13 +266,13 @@ def train_proxy_pool(
     existing = proxy_files(out_dir) if out_dir.is_dir() else []
     for index, path in existing:
         metadata = read_proxy_metadata(path)
-        for name in BUILD_FIELDS:
-            found = getattr(metadata, name)
-            if not _same_value(found, planned[name]):
-                raise UserInputError(
-                    f"{out_dir} already holds proxies with {name} {_shown(found)} ({path.name}), but this build "
-                    f"has {name} {_shown(planned[name])}; use another output directory"
-                )
+        mismatch = metadata.first_mismatch(planned, BUILD_FIELDS)
+        if mismatch is not None:
+            name, found, wanted = mismatch
+            raise UserInputError(
+                f"{out_dir} already holds proxies with {name} {found} ({path.name}), but this build "
+                f"has {name} {wanted}; use another output directory"
+            )
         records.append(ProxyRecord(index, metadata.seed, metadata.test_accuracy, path))
         used_seeds.add(metadata.seed)
     to_train = count - len(existing)
@@ -407,13 +416,13 @@ class ProxyPool:
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as handle:
                     metadata = ProxyMetadata.from_strings(handle.metadata() or {}, path)
-                    for name in DATA_FIELDS:
-                        found = getattr(metadata, name)
-                        if not _same_value(found, expected_data[name]):
-                            raise UserInputError(
-                                f"proxy pool {directory} does not fit dataset '{info.name}': {name} is "
-                                f"{_shown(found)} in {path.name}, expected {_shown(expected_data[name])}"
-                            )
+                    mismatch = metadata.first_mismatch(expected_data, DATA_FIELDS)
+                    if mismatch is not None:
+                        name, found, wanted = mismatch
+                        raise UserInputError(
+                            f"proxy pool {directory} does not fit dataset '{info.name}': {name} is "
+                            f"{found} in {path.name}, expected {wanted}"
+                        )
                     if arch is None:
                         arch = metadata.arch
                         try:
