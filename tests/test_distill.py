@@ -43,7 +43,8 @@ def pool_dir(real, tmp_path):
 
 @pytest.mark.parametrize("method", ["dm", "dc", "dsa"])
 def test_every_method_runs_through_the_loop_and_writes_the_artefact(method, real, tmp_path):
-    config = DistillConfig(method=method, iterations=2, outer_loop=2, inner_loop=1, **TINY)
+    loops = {} if method == "dm" else {"outer_loop": 2, "inner_loop": 1}
+    config = DistillConfig(method=method, iterations=2, **loops, **TINY)
     result = distill(config, tmp_path / method, progress=False, real=real)
     distilled = load_set(result.artefact)
     assert distilled.images.shape == (30, 1, 28, 28)

@@ -16,7 +16,6 @@ steps the image optimiser, and logs every term. Around that it keeps the run saf
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import time
@@ -39,15 +38,27 @@ from infodistill.data import ClassSampler, RealData, load_dataset
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EvalConfig, evaluate_set, resolve_device
 from infodistill.files import atomic_path
-from infodistill.methods import DistillContext, Method, MethodDefaults, method_class
+from infodistill.methods import (
+    METHOD_REGISTRY,
+    ClassUpdate,
+    DistillContext,
+    Method,
+    MethodDefaults,
+    MethodSetup,
+    method_class,
+    method_settings,
+)
 from infodistill.models import parse_model_name
 from infodistill.regularizers import CMIRegularizer, Regularizer
-from infodistill.synthetic import PixelSet, SyntheticSet
-from infodistill.synthetic.pixels import INITS
+from infodistill.synthetic import (
+    INITS,
+    PARAMETERISATION_REGISTRY,
+    SyntheticSet,
+    build_synthetic,
+)
 
 log = logging.getLogger("infodistill")
 
-PARAMETERISATIONS = ("pixels",)
 CHECKPOINT_NAME = "checkpoint.safetensors"
 ARTEFACT_NAME = "set.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -55,6 +66,12 @@ METRICS_NAME = "metrics.jsonl"
 # Settings that may differ between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "eval_every", "eval_epochs", "eval_runs", "eval_model",
                      "device", "data_root")
+
+
+METHOD_OPTIONS = ("outer_loop", "inner_loop", "net_steps", "batch_net", "match_metric", "experts", "syn_steps",
+                  "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
+                  "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory")
+"""Settings that only some methods take; giving one to another method is an error."""
 
 
 class LossDiverged(RuntimeError):
@@ -69,7 +86,9 @@ class DistillConfig:
     method: str = "dm"
     ipc: int = 10
     iterations: int | None = None
-    param: str = "pixels"
+    param: str | None = None
+    factor: int = 2
+    upsample: str = "bilinear"
     init: str = "real"
     model: str = "ConvNet-3"
     lr_images: float | None = None
@@ -79,6 +98,22 @@ class DistillConfig:
     outer_loop: int | None = None
     inner_loop: int | None = None
     lr_net: float = 0.01
+    net_steps: int | None = None
+    batch_net: int | None = None
+    match_metric: str | None = None
+    experts: str | None = None
+    zca: float = 0.0
+    syn_steps: int | None = None
+    expert_epochs: int | None = None
+    min_start_epoch: int | None = None
+    max_start_epoch: int | None = None
+    window_start_max: int | None = None
+    window_growth_iterations: int | None = None
+    batch_syn: int | None = None
+    lr_lr: float | None = None
+    lr_labels: float | None = None
+    memory: str | None = None
+    ema_decay: float | None = None
     cmi_weight: float | str | None = None
     cmi_auto_fraction: float = 0.1
     proxies: str | None = None
@@ -100,13 +135,14 @@ class DistillConfig:
             raise UserInputError(f"ipc must be a positive integer, got {self.ipc}")
         if self.seed < 0:
             raise UserInputError(f"seed must be >= 0, got {self.seed}")
-        if self.param not in PARAMETERISATIONS:
-            raise UserInputError(f"param '{self.param}' is not one of: {', '.join(PARAMETERISATIONS)}")
+        if self.param is not None and self.param not in PARAMETERISATION_REGISTRY:
+            raise UserInputError(f"param '{self.param}' is not one of: {', '.join(sorted(PARAMETERISATION_REGISTRY))}")
         if self.init not in INITS:
             raise UserInputError(f"init '{self.init}' is not one of: {', '.join(INITS)}")
         parse_model_name(self.model)
         parse_model_name(self.eval_model)
-        for name in ("iterations", "batch_real", "outer_loop", "inner_loop"):
+        for name in ("iterations", "batch_real", "outer_loop", "inner_loop", "factor", "net_steps", "batch_net",
+                     "syn_steps", "expert_epochs", "batch_syn", "window_growth_iterations"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {value}")
@@ -115,7 +151,15 @@ class DistillConfig:
                 raise UserInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise UserInputError(f"eval_every must be >= 0 (0 turns periodic evaluation off), got {self.eval_every}")
-        for name in ("lr_images", "lr_net", "cmi_auto_fraction"):
+        for name in ("min_start_epoch", "max_start_epoch", "window_start_max"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserInputError(f"{name} must be >= 0, got {value}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise UserInputError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
+        if self.zca < 0:
+            raise UserInputError(f"zca must be >= 0 (0 turns whitening off), got {self.zca}")
+        for name in ("lr_images", "lr_net", "cmi_auto_fraction", "lr_lr", "lr_labels"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserInputError(f"{name} must be positive, got {value}")
@@ -128,7 +172,18 @@ class DistillConfig:
             raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got {weight}")
         if self.uses_cmi and self.proxies is None:
             raise UserInputError("a CMI weight needs a proxy pool: pass --proxies DIR (build one with `infodistill proxies`)")
+        self._check_method_options()
         resolve_device(self.device)
+
+    def _check_method_options(self) -> None:
+        """Refuse a method-specific setting given to a method that does not use it (e.g. learned soft
+        labels' ``lr_labels`` for MTT), naming the methods that do."""
+        accepted = method_settings(method_class(self.method))
+        for name in METHOD_OPTIONS:
+            if getattr(self, name) is not None and name not in accepted:
+                users = sorted(method for method in METHOD_REGISTRY if name in method_settings(method_class(method)))
+                raise UserInputError(f"{name} does not apply to method '{self.method}'; it applies to: "
+                                     f"{', '.join(users) or 'no method'}")
 
     @property
     def uses_cmi(self) -> bool:
@@ -138,8 +193,10 @@ class DistillConfig:
         """The same config with every unset field filled from the method's published settings."""
         defaults: MethodDefaults = method_class(self.method).defaults(self.ipc)
         filled = {name: getattr(defaults, name) for name in ("iterations", "lr_images", "momentum_images",
-                                                             "batch_real", "augment")
+                                                             "batch_real", "augment", "param", "ema_decay")
                   if getattr(self, name) is None}
+        if self.cmi_weight is None and self.proxies is not None and defaults.cmi_weight is not None:
+            filled["cmi_weight"] = defaults.cmi_weight
         return dataclasses.replace(self, **filled)
 
 
@@ -153,8 +210,9 @@ def distill_config_from(values: dict[str, Any], source: str = "config") -> Disti
     return config_from_mapping(DistillConfig, values, source)
 
 
-# Independent random streams of a run: one per iteration, one for the initial set, one for calibration.
-ITERATION_STREAM, INIT_STREAM, CALIBRATION_STREAM = 0, 1, 2
+# Independent random streams of a run: one per iteration, one for the initial set, one for calibration,
+# one for the method's preparation.
+ITERATION_STREAM, INIT_STREAM, CALIBRATION_STREAM, SETUP_STREAM = 0, 1, 2, 3
 
 
 def stream_seed(seed: int, stream: int, index: int = 0) -> int:
@@ -202,7 +260,7 @@ class RunFiles:
 def build_method(config: DistillConfig) -> Method:
     """The method object, given those config fields that its constructor takes (same names)."""
     cls = method_class(config.method)
-    accepted = inspect.signature(cls).parameters
+    accepted = method_settings(cls)
     settings = {name: getattr(config, name) for name in accepted if hasattr(config, name)}
     return cls(**{name: value for name, value in settings.items() if value is not None})
 
@@ -222,8 +280,9 @@ def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: D
     the whole proxy pool (not one random draw), so the weight does not hinge on one proxy.
     Drawn from a separate random stream, so calibrating does not change the run's iterations.
     """
-    losses: Iterator[torch.Tensor] = method.iteration(context)
-    matching = float(next(losses).detach())
+    losses = method.iteration(context)
+    first = next(losses)
+    matching = float((first.loss if isinstance(first, ClassUpdate) else first).detach())
     losses.close()
     synthetic = context.synthetic
     with torch.no_grad():
@@ -234,27 +293,66 @@ def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: D
     return fraction * matching / cmi
 
 
+class ImageAverage:
+    """Exponential moving average of the synthetic set's stored tensors (DATM keeps one of its images).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so a short run is not
+    dominated by its initial images. The artefact is decoded from the averaged tensors.
+    """
+
+    def __init__(self, synthetic: SyntheticSet, decay: float) -> None:
+        self.decay = decay
+        self.count = 0
+        self.shadow = {name: parameter.detach().clone() for name, parameter in synthetic.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, synthetic: SyntheticSet) -> None:
+        self.count += 1
+        decay = min(self.decay, (1 + self.count) / (10 + self.count))
+        for name, parameter in synthetic.named_parameters():
+            self.shadow[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+
+    @torch.no_grad()
+    def images(self, synthetic: SyntheticSet) -> torch.Tensor:
+        """The set decoded from the averaged tensors."""
+        return torch.func.functional_call(synthetic, self.shadow, ())
+
+
+def _regularized_images(synthetic: SyntheticSet, label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the regularizers see: the whole set, or one class for a per-class update."""
+    if label is None:
+        return synthetic.images(), synthetic.labels
+    images = synthetic.class_images(label)
+    return images, synthetic.labels.new_full((len(images),), label)
+
+
 def run_iteration(method: Method, terms: list[RegularizerTerm], context: DistillContext,
-                  optimizer: torch.optim.Optimizer) -> dict[str, float]:
+                  optimizer: torch.optim.Optimizer, average: ImageAverage | None = None) -> dict[str, float]:
     """One iteration: for every matching loss the method yields, add the active regularizers and
-    update the images. Returns each loss term averaged over the iteration's image updates."""
+    update the images (and the method's learned tensors). For a :class:`ClassUpdate` the regularizers
+    see that class's images only. Returns each loss term averaged over the iteration's updates."""
     synthetic = context.synthetic
-    image_parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    learned = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = {}
     updates = 0
-    for matching in method.iteration(context):
+    for step in method.iteration(context):
+        matching, label = (step.loss, step.label) if isinstance(step, ClassUpdate) else (step, None)
         values = {f"loss/{method.name}": matching}
         total = matching
-        for term in terms:
-            if term.active(context.iteration):
-                value = term.regularizer.loss(synthetic.images(), synthetic.labels, context.generator)
+        active = [term for term in terms if term.active(context.iteration)]
+        if active:
+            images, labels = _regularized_images(synthetic, label)
+            for term in active:
+                value = term.regularizer.loss(images, labels, context.generator)
                 values[f"loss/{term.name}"] = value
                 total = total + term.weight * value
         if not torch.isfinite(total):
             raise LossDiverged(f"the loss became {float(total.detach())} at iteration {context.iteration}")
         optimizer.zero_grad(set_to_none=True)
-        total.backward(inputs=image_parameters)  # only the images learn here; networks stay untouched
+        total.backward(inputs=learned)  # only the set and the method's tensors learn; networks stay untouched
         optimizer.step()
+        if average is not None:
+            average.update(synthetic)
         values["loss/total"] = total
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -262,27 +360,42 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
     return {name: value / max(updates, 1) for name, value in sums.items()}
 
 
-def _checkpoint_tensors(synthetic: SyntheticSet, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _learned_groups(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) of everything the optimiser steps: ``<group name>.<position>``."""
+    for group in optimizer.param_groups:
+        for position, parameter in enumerate(group["params"]):
+            yield f"{group['name']}.{position}", parameter
+
+
+def _checkpoint_tensors(synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
+                        average: ImageAverage | None) -> dict[str, torch.Tensor]:
     tensors = {f"synthetic.{name}": value.detach().cpu().contiguous() for name, value in synthetic.state_dict().items()}
-    for name, parameter in synthetic.named_parameters():
+    for name, parameter in _learned_groups(optimizer):
+        if not name.startswith("synthetic."):
+            tensors[f"learned.{name}"] = parameter.detach().cpu().contiguous()
         buffer = optimizer.state.get(parameter, {}).get("momentum_buffer")
         if buffer is not None:
             tensors[f"momentum.{name}"] = buffer.detach().cpu().contiguous()
+    if average is not None:
+        tensors.update({f"average.{name}": value.cpu().contiguous() for name, value in average.shadow.items()})
     return tensors
 
 
 def save_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
-                    iteration: int, config: DistillConfig, weights: dict[str, float]) -> None:
+                    iteration: int, config: DistillConfig, weights: dict[str, float],
+                    average: ImageAverage | None = None) -> None:
     """Write the state after ``iteration`` completed iterations, atomically."""
     metadata = {"iteration": str(iteration), "config": json.dumps(dataclasses.asdict(config)),
-                "regularizer_weights": json.dumps(weights), "version": __version__}
+                "regularizer_weights": json.dumps(weights), "version": __version__,
+                "average_count": str(average.count if average is not None else 0)}
     with atomic_path(files.checkpoint) as temporary:
-        save_file(_checkpoint_tensors(synthetic, optimizer), str(temporary), metadata=metadata)
+        save_file(_checkpoint_tensors(synthetic, optimizer, average), str(temporary), metadata=metadata)
 
 
 def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
-                    config: DistillConfig) -> tuple[int, dict[str, float]]:
-    """Restore a checkpoint into ``synthetic`` and ``optimizer``; return (iteration, regularizer weights)."""
+                    config: DistillConfig, average: ImageAverage | None = None) -> tuple[int, dict[str, float]]:
+    """Restore a checkpoint into ``synthetic``, the optimiser's tensors and momentum, and the image
+    average; return (iteration, regularizer weights)."""
     path = files.checkpoint
     try:
         tensors = load_file(str(path))
@@ -291,6 +404,7 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         iteration = int(metadata["iteration"])
         stored = json.loads(metadata["config"])
         weights = json.loads(metadata["regularizer_weights"])
+        average_count = int(metadata.get("average_count", "0"))
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint") from None
@@ -303,11 +417,18 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
     state = {name[len("synthetic."):]: value for name, value in tensors.items() if name.startswith("synthetic.")}
     try:
         synthetic.load_state_dict(state, strict=True)
-    except RuntimeError as error:
+        with torch.no_grad():
+            for name, parameter in _learned_groups(optimizer):
+                if not name.startswith("synthetic."):
+                    parameter.copy_(tensors[f"learned.{name}"])
+                if f"momentum.{name}" in tensors:
+                    optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum.{name}"].to(parameter.device)
+            if average is not None:
+                for name, shadow in average.shadow.items():
+                    shadow.copy_(tensors[f"average.{name}"])
+                average.count = average_count
+    except (RuntimeError, KeyError) as error:
         raise UserInputError(f"checkpoint '{path}' does not fit this run: {str(error).splitlines()[0]}") from None
-    for name, parameter in synthetic.named_parameters():
-        if f"momentum.{name}" in tensors:
-            optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum.{name}"].to(parameter.device)
     if iteration > (config.iterations or 0):
         raise UserInputError(f"checkpoint '{path}' is at iteration {iteration}, past the requested {config.iterations}")
     return iteration, weights
@@ -343,12 +464,31 @@ class MetricsLog:
 
 def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, float], iterations: int) -> SetMetadata:
     extra = {"model": config.model, "augment": str(config.augment), "init": config.init}
+    if config.param == "multi":
+        extra.update({"factor": str(config.factor), "upsample": config.upsample})
+    if config.zca > 0:
+        extra["zca"] = repr(config.zca)
+    if config.experts is not None:
+        extra["experts"] = str(config.experts)
+    if config.ema_decay:
+        extra["ema_decay"] = repr(config.ema_decay)
     if weights:
         extra.update({"proxies": str(config.proxies), "cmi_every": str(config.cmi_every),
                       "cmi_proxies_per_step": str(config.cmi_proxies_per_step)})
     return SetMetadata(dataset=real.info.name, mean=tuple(real.info.mean), std=tuple(real.info.std),
                        classes=tuple(real.info.class_names), method=config.method, ipc=config.ipc, seed=config.seed,
-                       parameterisation=config.param, regularizers=weights, iterations=iterations, extra=extra)
+                       parameterisation=str(config.param), regularizers=weights, iterations=iterations, extra=extra)
+
+
+def _distilled_set(synthetic: SyntheticSet, method: Method, average: ImageAverage | None, config: DistillConfig,
+                   real: RealData, weights: dict[str, float], iterations: int) -> DistilledSet:
+    """The current state as an artefact: decoded (averaged) images, labels, the method's tensors."""
+    with torch.no_grad():
+        images = average.images(synthetic) if average is not None else synthetic.images()
+    extras = {name: value.detach().cpu().float().clone() for name, value in method.artefact_tensors().items()}
+    return DistilledSet(images=images.detach().cpu().float().contiguous(), labels=synthetic.labels.cpu().clone(),
+                        soft_labels=extras.get("soft_labels"), lr=extras.get("lr"),
+                        metadata=_set_metadata(config, real, weights, iterations))
 
 
 def _prepare_out_dir(files: RunFiles, resume: bool) -> None:
@@ -377,10 +517,17 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
         raise UserInputError(f"ipc {config.ipc} is above the smallest class size {sampler.smallest_class_size()} of '{real.info.name}'")
 
     init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
-    synthetic = PixelSet.initialise(sampler, config.ipc, config.init, init_generator).to(device)
+    synthetic = build_synthetic(config.param, sampler, config.ipc, config.init, init_generator,
+                                factor=config.factor, upsample=config.upsample).to(device)
     method = build_method(config)
+    setup_generator = torch.Generator().manual_seed(stream_seed(config.seed, SETUP_STREAM))
+    method.prepare(MethodSetup(synthetic=synthetic, sampler=sampler, info=real.info, device=device,
+                               model_name=config.model, generator=setup_generator, fresh=not resume,
+                               init=config.init))
     augment = DSA() if config.augment else None
-    optimizer = torch.optim.SGD(synthetic.parameters(), lr=config.lr_images, momentum=config.momentum_images)
+    groups = [{"params": list(synthetic.parameters()), "name": "synthetic"}, *method.parameter_groups()]
+    optimizer = torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum_images)
+    average = ImageAverage(synthetic, config.ema_decay) if config.ema_decay else None
 
     terms: list[RegularizerTerm] = []
     pool_regularizer = None
@@ -396,7 +543,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     start, weights = 0, {}
     files.root.mkdir(parents=True, exist_ok=True)
     if resume:
-        start, weights = load_checkpoint(files, synthetic, optimizer, config)
+        start, weights = load_checkpoint(files, synthetic, optimizer, config, average)
     elif pool_regularizer is not None:
         if config.cmi_weight == "auto":
             context = make_context(config, 0, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
@@ -417,36 +564,31 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
         for iteration in bar:
             context = make_context(config, iteration, synthetic, sampler, real, augment, device)
             try:
-                logged = run_iteration(method, terms, context, optimizer)
+                logged = run_iteration(method, terms, context, optimizer, average)
             except LossDiverged as diverged:
                 kept = (f"the last good checkpoint (iteration {last_good}) is kept in '{files.checkpoint}'"
                         if files.checkpoint.exists() else "no checkpoint was written yet")
                 raise LossDiverged(f"{diverged}; stopped; {kept}") from None
             done = iteration + 1
             if config.eval_every and done % config.eval_every == 0:
-                logged["eval/accuracy"] = _evaluate_now(synthetic, real, config, weights, done)
+                snapshot = _distilled_set(synthetic, method, average, config, real, weights, done)
+                logged["eval/accuracy"] = _evaluate_now(snapshot, real, config)
             metrics.write(iteration, logged)
             bar.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in logged.items()})
             if done % config.checkpoint_every == 0 or done == config.iterations:
-                save_checkpoint(files, synthetic, optimizer, done, config, weights)
+                save_checkpoint(files, synthetic, optimizer, done, config, weights, average)
                 last_good = done
     finally:
         metrics.close()
         bar.close()
 
-    distilled = DistilledSet(images=synthetic.images().detach().cpu().float().contiguous(),
-                             labels=synthetic.labels.cpu().clone(),
-                             metadata=_set_metadata(config, real, weights, config.iterations))
-    save_set(distilled, files.artefact)
+    save_set(_distilled_set(synthetic, method, average, config, real, weights, config.iterations), files.artefact)
     return DistillResult(out_dir=files.root, artefact=files.artefact, config=config, regularizer_weights=weights,
                          iterations=config.iterations, seconds=time.perf_counter() - started)
 
 
-def _evaluate_now(synthetic: SyntheticSet, real: RealData, config: DistillConfig, weights: dict[str, float],
-                  iteration: int) -> float:
+def _evaluate_now(snapshot: DistilledSet, real: RealData, config: DistillConfig) -> float:
     """Mean test accuracy of the current set under the evaluation protocol (periodic evaluation)."""
-    snapshot = DistilledSet(images=synthetic.images().detach().cpu().float().clone(), labels=synthetic.labels.cpu().clone(),
-                            metadata=_set_metadata(config, real, weights, iteration))
     eval_config = EvalConfig(model=config.eval_model, epochs=config.eval_epochs, runs=config.eval_runs,
                              seed=config.seed, device=config.device)
     return evaluate_set(snapshot, real, eval_config, progress=False).mean

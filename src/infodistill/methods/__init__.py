@@ -2,10 +2,13 @@
 
 from infodistill.methods.base import (
     METHOD_REGISTRY,
+    ClassUpdate,
     DistillContext,
     Method,
     MethodDefaults,
+    MethodSetup,
     method_class,
+    method_settings,
     register_method,
 )
 
@@ -17,17 +20,24 @@ from infodistill.methods.gradient_matching import (  # noqa: E402  isort: skip
     SiameseAugmentedCondensation,
     gradient_distance,
 )
+from infodistill.methods.mtt import TrajectoryMatching  # noqa: E402  isort: skip
+from infodistill.methods.datm import DifficultyAlignedMatching  # noqa: E402  isort: skip
 
 __all__ = [
     "METHOD_REGISTRY",
+    "ClassUpdate",
     "DatasetCondensation",
+    "DifficultyAlignedMatching",
     "DistillContext",
     "DistributionMatching",
     "GradientMatching",
     "Method",
     "MethodDefaults",
+    "MethodSetup",
     "SiameseAugmentedCondensation",
+    "TrajectoryMatching",
     "gradient_distance",
     "method_class",
+    "method_settings",
     "register_method",
 ]

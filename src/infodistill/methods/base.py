@@ -9,6 +9,7 @@ regularizers, steps the image optimiser, and resumes the generator.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
@@ -73,6 +74,41 @@ class MethodDefaults:
     momentum_images: float
     batch_real: int
     augment: bool
+    param: str = "pixels"
+    ema_decay: float = 0.0
+    cmi_weight: float | str | None = None
+
+
+@dataclass
+class ClassUpdate:
+    """A matching loss that concerns one class only (IDC's per-class updates).
+
+    A method yields this instead of a bare loss when the image update is about class ``label``;
+    the loop then computes the regularizers on that class's images alone.
+    """
+
+    loss: torch.Tensor
+    label: int
+
+
+@dataclass
+class MethodSetup:
+    """What a method may read once, before the first iteration (see :meth:`Method.prepare`).
+
+    ``fresh`` is False when the run resumes from a checkpoint: the checkpoint then restores the
+    synthetic set and the method's learned tensors after ``prepare``, so ``prepare`` must create
+    them with their final shapes but need not initialise them well. ``generator`` is a random
+    stream of its own, independent of the iterations'.
+    """
+
+    synthetic: SyntheticSet
+    sampler: ClassSampler
+    info: DatasetInfo
+    device: torch.device
+    model_name: str
+    generator: torch.Generator
+    fresh: bool
+    init: str = "real"
 
 
 class Method(ABC):
@@ -86,8 +122,22 @@ class Method(ABC):
         """Published settings for this method at ``ipc`` images per class."""
 
     @abstractmethod
-    def iteration(self, context: DistillContext) -> Iterator[torch.Tensor]:
-        """Yield one scalar matching loss per image update of this iteration."""
+    def iteration(self, context: DistillContext) -> Iterator[torch.Tensor | ClassUpdate]:
+        """Yield one scalar matching loss (or a :class:`ClassUpdate`) per image update of this iteration."""
+
+    def prepare(self, setup: MethodSetup) -> None:
+        """Called once before the first iteration: load what the method needs (experts), create its
+        learned tensors, adjust the initial set. Most methods need nothing."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Tensors the method learns beside the synthetic set (a step size, soft labels), as
+        ``torch.optim.SGD`` parameter groups with their own ``lr``/``momentum``; each group also
+        carries a ``"name"`` used in checkpoints. The loop steps them with the images."""
+        return []
+
+    def artefact_tensors(self) -> dict[str, torch.Tensor]:
+        """What the method adds to the artefact: ``soft_labels`` (N x C probabilities) and/or ``lr``."""
+        return {}
 
 
 METHOD_REGISTRY: dict[str, Callable[..., Method]] = {}
@@ -112,3 +162,18 @@ def method_class(name: str) -> Any:
     if name not in METHOD_REGISTRY:
         raise UserInputError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHOD_REGISTRY))}")
     return METHOD_REGISTRY[name]
+
+
+def method_settings(cls: Any) -> set[str]:
+    """Names of the settings a method's constructor takes, following ``**settings`` to its bases
+    (a subclass such as DATM adds a few settings and passes the rest on to MTT)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters
+        names |= {name for name, parameter in parameters.items() if name != "self"
+                  and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)}
+        if not any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values()):
+            break
+    return names

@@ -20,7 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from infodistill.errors import UserInputError
-from infodistill.methods.base import DistillContext, Method, MethodDefaults, register_method
+from infodistill.methods.base import (
+    DistillContext,
+    Method,
+    MethodDefaults,
+    register_method,
+)
 
 ClassBatches = Sequence[Tensor] | Tensor
 """Per-class image batches: a list (class c at position c; sizes may differ) or a K x n x C x H x W tensor."""

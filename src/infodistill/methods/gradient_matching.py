@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infodistill.errors import UserInputError
-from infodistill.methods.base import DistillContext, Method, MethodDefaults, register_method
+from infodistill.methods.base import (
+    DistillContext,
+    Method,
+    MethodDefaults,
+    register_method,
+)
 from infodistill.models.norm import BATCH_NORM_TYPES, has_batch_norm
 
 

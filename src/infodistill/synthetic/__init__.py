@@ -1,6 +1,12 @@
-"""Parameterisations: how stored tensors become synthetic images."""
+"""Parameterisations: how stored tensors become synthetic images. Importing registers each by name."""
 
-from infodistill.synthetic.base import SyntheticSet
-from infodistill.synthetic.pixels import PixelSet
+from infodistill.synthetic.base import (
+    PARAMETERISATION_REGISTRY,
+    SyntheticSet,
+    build_synthetic,
+    register_parameterisation,
+)
+from infodistill.synthetic.pixels import INITS, PixelSet  # noqa: E402  isort: skip
 
-__all__ = ["PixelSet", "SyntheticSet"]
+__all__ = ["INITS", "PARAMETERISATION_REGISTRY", "PixelSet", "SyntheticSet", "build_synthetic",
+           "register_parameterisation"]

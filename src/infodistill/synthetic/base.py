@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, Callable
+
 import torch
 from torch import nn
+
+from infodistill.errors import UserInputError
 
 
 class SyntheticSet(nn.Module):
@@ -16,6 +21,7 @@ class SyntheticSet(nn.Module):
     """
 
     labels: torch.Tensor
+    name: str = "set"
 
     def __init__(self, num_classes: int, images_per_class: int) -> None:
         super().__init__()
@@ -27,6 +33,10 @@ class SyntheticSet(nn.Module):
         """All decoded images, N x C x H x W, in the normalised input space, ordered by class."""
         raise NotImplementedError
 
+    def forward(self) -> torch.Tensor:
+        """Same as :meth:`images`, so ``torch.func.functional_call`` can decode other stored tensors."""
+        return self.images()
+
     def class_images(self, label: int) -> torch.Tensor:
         """The decoded images of one class."""
         start = label * self.images_per_class
@@ -36,3 +46,35 @@ class SyntheticSet(nn.Module):
         """Decoded images grouped per class: classes x images_per_class x C x H x W."""
         decoded = self.images()
         return decoded.view(self.num_classes, self.images_per_class, *decoded.shape[1:])
+
+
+PARAMETERISATION_REGISTRY: dict[str, Callable[..., SyntheticSet]] = {}
+"""Name (``--param NAME``) -> initialiser ``initialise(sampler, ipc, init, generator, **settings)``."""
+
+
+def register_parameterisation(name: str) -> Callable[[Any], Any]:
+    """Class decorator: make a parameterisation available by name; its ``initialise`` classmethod builds it."""
+
+    def decorate(cls: Any) -> Any:
+        if name in PARAMETERISATION_REGISTRY:
+            raise ValueError(f"parameterisation '{name}' is registered twice")
+        cls.name = name
+        PARAMETERISATION_REGISTRY[name] = cls.initialise
+        return cls
+
+    return decorate
+
+
+def build_synthetic(name: str, sampler: Any, ipc: int, init: str, generator: torch.Generator,
+                    **settings: Any) -> SyntheticSet:
+    """Initialise parameterisation ``name`` with ``ipc`` stored images per class.
+
+    ``settings`` may hold options of every parameterisation (e.g. ``factor``); each receives those
+    its ``initialise`` accepts, so one config serves all.
+    """
+    if name not in PARAMETERISATION_REGISTRY:
+        raise UserInputError(f"param '{name}' is not one of: {', '.join(sorted(PARAMETERISATION_REGISTRY))}")
+    initialise = PARAMETERISATION_REGISTRY[name]
+    accepted = inspect.signature(initialise).parameters
+    chosen = {key: value for key, value in settings.items() if key in accepted and value is not None}
+    return initialise(sampler, ipc, init, generator, **chosen)

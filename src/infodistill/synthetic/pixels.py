@@ -7,11 +7,12 @@ from torch import nn
 
 from infodistill.data import ClassSampler
 from infodistill.errors import UserInputError
-from infodistill.synthetic.base import SyntheticSet
+from infodistill.synthetic.base import SyntheticSet, register_parameterisation
 
 INITS = ("real", "noise")
 
 
+@register_parameterisation("pixels")
 class PixelSet(SyntheticSet):
     """``images_per_class`` learnable images per class, stored as one N x C x H x W tensor."""
 

@@ -1,0 +1,151 @@
+"""Matching training trajectories (MTT; Cazenavette et al., CVPR 2022).
+
+Experts are networks trained on the real data with their weights stored after every epoch
+(``infodistill experts``). One iteration, as in the paper's algorithm box:
+
+    pick an expert tau* and a start epoch t in [min_start_epoch, max_start_epoch)
+    theta_0 <- theta*_t
+    for n in 0..syn_steps-1:
+        b_n      <- the next minibatch of batch_syn synthetic images (a fresh permutation when used up)
+        theta_{n+1} <- theta_n - alpha * grad CE(theta_n; DSA(b_n))       (alpha: the learned step size)
+    L = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2        (M = expert_epochs)
+    S <- S - lr_images * grad_S L;  alpha <- alpha - lr_lr * grad_alpha L   (the shared loop steps both)
+
+The student is a pure function of a flat weight vector (:class:`FunctionalStudent`); the loss is
+differentiated through the unrolled steps. ``memory="checkpoint"`` recomputes each step during the
+backward pass instead of keeping the whole unrolled graph (see ``benchmarks/bench_trajectory.py``).
+The learned step size is stored in the artefact (``lr``) and used by ``infodistill evaluate``.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, ClassVar, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from infodistill.errors import UserInputError
+from infodistill.methods.base import (
+    DistillContext,
+    Method,
+    MethodDefaults,
+    MethodSetup,
+    register_method,
+)
+from infodistill.methods.student import (
+    MEMORY_MODES,
+    FunctionalStudent,
+    normalised_distance,
+)
+
+
+@register_method("mtt")
+class TrajectoryMatching(Method):
+    """MTT. ``experts`` is a directory written by ``infodistill experts`` (same dataset and model)."""
+
+    # Published CIFAR-10 settings by IPC (MTT's table and README):
+    # (syn_steps, expert_epochs, max_start_epoch, lr_images, lr_lr); the initial step size is the experts' lr.
+    PUBLISHED: ClassVar[Mapping[int, tuple[int, int, int, float, float]]] = MappingProxyType({
+        1: (50, 2, 2, 1000.0, 1e-7),
+        10: (30, 2, 20, 1000.0, 1e-5),
+        50: (30, 2, 40, 1000.0, 1e-5),
+    })
+    ITERATIONS: ClassVar[int] = 5000
+
+    def __init__(
+        self,
+        experts: str | None = None,
+        ipc: int = 10,
+        syn_steps: int | None = None,
+        expert_epochs: int | None = None,
+        min_start_epoch: int | None = None,
+        max_start_epoch: int | None = None,
+        batch_syn: int | None = None,
+        lr_lr: float | None = None,
+        memory: str | None = None,
+        zca: float = 0.0,
+    ) -> None:
+        published = self.published(ipc)
+        self.experts_dir = experts
+        self.syn_steps = syn_steps if syn_steps is not None else published[0]
+        self.expert_epochs = expert_epochs if expert_epochs is not None else published[1]
+        self.max_start_epoch = max_start_epoch if max_start_epoch is not None else published[2]
+        self.min_start_epoch = min_start_epoch if min_start_epoch is not None else 0
+        self.lr_lr = lr_lr if lr_lr is not None else published[4]
+        self.batch_syn = batch_syn
+        self.memory = memory if memory is not None else "full"
+        self.zca = zca
+        if self.memory not in MEMORY_MODES:
+            raise UserInputError(f"memory '{self.memory}' is not one of: {', '.join(MEMORY_MODES)}")
+        if self.min_start_epoch >= self.max_start_epoch:
+            raise UserInputError(f"min_start_epoch {self.min_start_epoch} must be below max_start_epoch "
+                                 f"{self.max_start_epoch} (start epochs are drawn from [min, max))")
+        self.lr: nn.Parameter | None = None
+
+    @classmethod
+    def published(cls, ipc: int) -> tuple[int, int, int, float, float]:
+        """The published row for the nearest IPC at or below ``ipc`` (IPC 1 below 10, and so on)."""
+        return cls.PUBLISHED[max(key for key in cls.PUBLISHED if key <= max(ipc, 1))]
+
+    @classmethod
+    def defaults(cls, ipc: int) -> MethodDefaults:
+        return MethodDefaults(iterations=cls.ITERATIONS, lr_images=cls.published(ipc)[3], momentum_images=0.5,
+                              batch_real=256, augment=True, cmi_weight="auto")
+
+    def prepare(self, setup: MethodSetup) -> None:
+        """Load the experts once, check the matching window fits them, create the learned step size."""
+        from infodistill.pools import ExpertTrajectories
+
+        if self.experts_dir is None:
+            raise UserInputError(f"method '{self.name}' needs expert trajectories: pass --experts DIR "
+                                 f"(build them with 'infodistill experts --dataset {setup.info.name} --out DIR')")
+        self.experts = ExpertTrajectories.load(self.experts_dir, setup.info, model=setup.model_name, zca=self.zca,
+                                               device=str(setup.device))
+        last_target = self.max_start_epoch - 1 + self.expert_epochs
+        if last_target > self.experts.epochs:
+            raise UserInputError(
+                f"max_start_epoch {self.max_start_epoch} with expert_epochs {self.expert_epochs} needs targets up to "
+                f"epoch {last_target}, but the experts in {self.experts_dir} were trained for {self.experts.epochs} "
+                f"epochs; lower max_start_epoch/expert_epochs or train longer experts"
+            )
+        self.student = FunctionalStudent(self.experts.build_model())
+        self.lr = nn.Parameter(torch.tensor(float(self.experts.lr), device=setup.device))
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.lr], "lr": self.lr_lr, "momentum": 0.5, "name": "lr"}]
+
+    def artefact_tensors(self) -> dict[str, Tensor]:
+        return {"lr": self.lr.detach().reshape(())}
+
+    def start_epoch_bound(self, iteration: int) -> int:
+        """Start epochs are drawn from [min_start_epoch, this bound)."""
+        return self.max_start_epoch
+
+    def targets(self, synthetic: nn.Module) -> Tensor:
+        """What the student is trained to predict on the synthetic images: their labels."""
+        return synthetic.labels
+
+    def iteration(self, context: DistillContext) -> Iterator[Tensor]:
+        generator = context.generator
+        expert = self.experts.sample_index(generator)
+        start_epoch = int(torch.randint(self.min_start_epoch, self.start_epoch_bound(context.iteration), (1,),
+                                        generator=generator))
+        start = self.experts.weights(expert, start_epoch)
+        target = self.experts.weights(expert, start_epoch + self.expert_epochs)
+
+        images = context.synthetic.images()
+        targets = self.targets(context.synthetic)
+        batch_size = self.batch_syn or len(images)
+        batches: list[tuple[Tensor, Tensor]] = []
+        order: list[Tensor] = []
+        for _ in range(self.syn_steps):
+            if not order:
+                order = list(torch.randperm(len(images), generator=generator).split(batch_size))
+            index = order.pop(0).to(images.device)
+            batch = images[index]
+            if context.augment is not None:
+                batch = context.augment(batch, generator)
+            batches.append((batch, targets[index]))
+        student = self.student.unroll(start, self.lr, batches, self.memory)
+        yield normalised_distance(student, start, target)

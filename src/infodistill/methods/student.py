@@ -1,0 +1,85 @@
+"""A network as a pure function of one flat parameter vector, for unrolled training (MTT, DATM).
+
+Trajectory matching differentiates through several SGD steps of a student network with respect to
+the synthetic images and the step size. Holding the student's weights as one flat vector, and
+running the network through ``torch.func.functional_call`` on views of it, makes one SGD step an
+ordinary differentiable function ``theta' = theta - lr * grad L(theta; x, y)``, and the expert
+checkpoints (stored flat) directly comparable with it.
+
+Memory: the unrolled graph keeps every step's activations (and those of its gradient) until the
+backward pass, so memory grows linearly with the number of steps. ``memory="checkpoint"`` wraps each
+step in ``torch.utils.checkpoint``: only the flat weights between steps are kept, and each step's
+activations are recomputed during the backward pass (about one extra forward and backward per step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from infodistill.errors import UserInputError
+from infodistill.models import has_batch_norm
+
+MEMORY_MODES = ("full", "checkpoint")
+
+
+class FunctionalStudent:
+    """``model``'s architecture as a function of a flat vector holding its parameters in
+    ``named_parameters()`` order (the layout expert trajectories are stored in)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if has_batch_norm(model):
+            raise UserInputError("trajectory matching needs a model without batch norm (e.g. ConvNet-3, instance norm)")
+        self.module = model
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shapes = [parameter.shape for _, parameter in model.named_parameters()]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.buffers = dict(model.named_buffers())
+
+    @property
+    def size(self) -> int:
+        """Number of parameters (the length of a flat vector)."""
+        return sum(self.sizes)
+
+    def flatten(self, model: nn.Module) -> Tensor:
+        """The flat vector of a module of the same architecture."""
+        return torch.cat([parameter.detach().reshape(-1) for parameter in model.parameters()])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of ``flat`` shaped as the model's parameters (gradients flow through them)."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"a flat parameter vector of this model has {self.size} values, got {tuple(flat.shape)}")
+        pieces = flat.split(self.sizes)
+        return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
+
+    def __call__(self, flat: Tensor, images: Tensor) -> Tensor:
+        """Logits of ``images`` under the weights ``flat``."""
+        return functional_call(self.module, {**self.unflatten(flat), **self.buffers}, (images,))
+
+    def sgd_step(self, flat: Tensor, lr: Tensor, images: Tensor, targets: Tensor) -> Tensor:
+        """One SGD step on cross-entropy (hard or soft targets), differentiable in every input."""
+        loss = F.cross_entropy(self(flat, images), targets)
+        (gradient,) = torch.autograd.grad(loss, flat, create_graph=True)
+        return flat - lr * gradient
+
+    def unroll(self, start: Tensor, lr: Tensor, batches: list[tuple[Tensor, Tensor]], memory: str = "full") -> Tensor:
+        """The weights after one SGD step per (images, targets) batch, starting from ``start``."""
+        if memory not in MEMORY_MODES:
+            raise UserInputError(f"memory '{memory}' is not one of: {', '.join(MEMORY_MODES)}")
+        flat = start.detach().requires_grad_(True)
+        for images, targets in batches:
+            if memory == "checkpoint":
+                flat = checkpoint(self.sgd_step, flat, lr, images, targets, use_reentrant=False)
+            else:
+                flat = self.sgd_step(flat, lr, images, targets)
+        return flat
+
+
+def normalised_distance(student: Tensor, start: Tensor, target: Tensor) -> Tensor:
+    """MTT's loss: ||student - target||^2 / ||start - target||^2 (1 when the student did not move)."""
+    return (student - target).pow(2).sum() / (start - target).pow(2).sum().clamp_min(1e-12)
