@@ -106,7 +106,9 @@ def _distill_overrides(args: argparse.Namespace) -> dict:
     names = ("dataset", "method", "ipc", "iterations", "param", "init", "model", "lr_images", "momentum_images",
              "batch_real", "outer_loop", "inner_loop", "lr_net", "cmi_weight", "cmi_auto_fraction", "proxies",
              "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root", "checkpoint_every", "eval_every",
-             "eval_model", "eval_epochs", "eval_runs")
+             "eval_model", "eval_epochs", "eval_runs", "factor", "upsample", "net_steps", "batch_net", "match_metric",
+             "experts", "zca", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
+             "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "ema_decay")
     values = {name: getattr(args, name) for name in names}
     values["augment"] = args.augment
     return values
@@ -232,10 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
                                   "defaults; a --config YAML file may set any of them (flags win).")
     distill.add_argument("--dataset", metavar="NAME", help="dataset name (default: fashion-mnist)")
     distill.add_argument("--data-root", metavar="DIR", help="data root (default: $INFODISTILL_DATA or ~/.cache/infodistill/data)")
-    distill.add_argument("--method", metavar="NAME", help="distillation method: dm, dc, dsa (default: dm)")
+    distill.add_argument("--method", metavar="NAME",
+                         help="distillation method: dm, dc, dsa, mtt, datm, idc (default: dm)")
     distill.add_argument("--ipc", type=int, metavar="N", help="synthetic images per class (default: 10)")
     distill.add_argument("--iterations", type=int, metavar="N", help="iterations (default: the method's, DM 20000, DC/DSA 1000)")
-    distill.add_argument("--param", metavar="NAME", help="parameterisation (default: pixels)")
+    distill.add_argument("--param", metavar="NAME",
+                         help="parameterisation: pixels, multi (default: the method's; idc: multi)")
+    distill.add_argument("--factor", type=int, metavar="F",
+                         help="multi-formation: each stored image holds FxF images (default: 2)")
+    distill.add_argument("--upsample", metavar="bilinear|nearest", help="multi-formation decoding (default: bilinear)")
     distill.add_argument("--init", metavar="real|noise", help="start from real images or noise (default: real)")
     distill.add_argument("--model", metavar="NAME", help="matching network architecture (default: ConvNet-3)")
     distill.add_argument("--lr-images", type=float, help="image learning rate (default: the method's)")
@@ -246,6 +253,29 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--outer-loop", type=int, metavar="N", help="gradient matching outer loop (default: by ipc)")
     distill.add_argument("--inner-loop", type=int, metavar="N", help="gradient matching inner loop (default: by ipc)")
     distill.add_argument("--lr-net", type=float, help="gradient matching network learning rate (default: 0.01)")
+    idc = distill.add_argument_group("IDC")
+    idc.add_argument("--net-steps", type=int, metavar="N", help="real-data training steps of the network per outer step")
+    idc.add_argument("--batch-net", type=int, metavar="N", help="real images per network training step")
+    idc.add_argument("--match-metric", metavar="NAME", help="gradient distance (default: IDC's)")
+    trajectory = distill.add_argument_group("MTT / DATM")
+    trajectory.add_argument("--experts", metavar="DIR", help="expert trajectories (build with `infodistill experts`)")
+    trajectory.add_argument("--zca", type=float, metavar="EPS",
+                            help="ZCA-whiten the data with this regularisation, as the experts were (default: 0, off)")
+    trajectory.add_argument("--syn-steps", type=int, metavar="N", help="student steps per iteration (default: by ipc)")
+    trajectory.add_argument("--expert-epochs", type=int, metavar="M", help="expert epochs to match (default: 2)")
+    trajectory.add_argument("--min-start-epoch", type=int, metavar="E", help="earliest start epoch (default: 0)")
+    trajectory.add_argument("--max-start-epoch", type=int, metavar="E", help="start epochs are below this (default: by ipc)")
+    trajectory.add_argument("--window-start-max", type=int, metavar="E",
+                            help="DATM: the window's upper bound at the start, growing to --max-start-epoch")
+    trajectory.add_argument("--window-growth-iterations", type=int, metavar="N",
+                            help="DATM: iterations over which the window grows (default: 3000)")
+    trajectory.add_argument("--batch-syn", type=int, metavar="N", help="synthetic images per student step (default: all)")
+    trajectory.add_argument("--lr-lr", type=float, help="learning rate of the learned step size (default: by ipc)")
+    trajectory.add_argument("--lr-labels", type=float, help="DATM: learning rate of the soft labels (default: 2)")
+    trajectory.add_argument("--memory", metavar="full|checkpoint",
+                            help="keep the unrolled graph (full) or recompute each step in the backward pass")
+    trajectory.add_argument("--ema-decay", type=float, metavar="D",
+                            help="store an exponential moving average of the images (default: DATM 0.999, else off)")
     distill.add_argument("--cmi-weight", metavar="FLOAT|auto",
                          help="weight lambda of the CMI regularizer, or 'auto' (default: off)")
     distill.add_argument("--cmi-auto-fraction", type=float, metavar="F",

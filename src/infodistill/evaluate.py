@@ -96,6 +96,7 @@ class EvalResult:
     batched: bool
     seconds: float
     seeds: list[int] = field(default_factory=list)
+    learned_lr: bool = False
 
     @property
     def mean(self) -> float:
@@ -110,10 +111,12 @@ class EvalResult:
         return {**asdict(self), "mean": self.mean, "std": self.std, "runs": len(self.accuracies)}
 
     def summary(self) -> str:
+        labels = "the set's soft labels" if self.labels == "soft" else "hard labels"
+        lr = f"the set's learned lr {self.lr:g}" if self.learned_lr else f"lr {self.lr:g}"
         return (
             f"{self.model} on {self.dataset} ({self.test_size} test images), {len(self.accuracies)} runs x "
-            f"{self.epochs} epochs, {self.train_size} training images, {self.labels} labels, "
-            f"augmentation {self.augmentation}, lr {self.lr:g}: {self.mean:.2f} +- {self.std:.2f} %"
+            f"{self.epochs} epochs, {self.train_size} training images, {labels}, "
+            f"augmentation {self.augmentation}, {lr}: {self.mean:.2f} +- {self.std:.2f} %"
         )
 
 
@@ -331,6 +334,7 @@ def evaluate_set(
         batched=together,
         seconds=time.perf_counter() - started,
         seeds=seeds,
+        learned_lr=learned_lr,
     )
 
 
