@@ -111,6 +111,15 @@ class RealData:
         """Normalised float32 test images and their labels."""
         return self.normalise(self.test_images), self.test_labels
 
+    def training_subset(self, per_class: int, seed: int) -> "RealData":
+        """The same data with a class-balanced random part of the training split (``per_class`` images
+        of each class, drawn with ``seed``); the test split is kept whole. For quick experts and demos."""
+        from infodistill.data.sampler import ClassSampler
+
+        sampler = ClassSampler(self.train_images, self.train_labels, self.info.num_classes)
+        images, labels = sampler.random_subset(per_class, torch.Generator().manual_seed(seed))
+        return dataclasses.replace(self, train_images=images, train_labels=labels)
+
 
 class Splits(NamedTuple):
     """What a reader returns: uint8 N x C x H x W arrays, integer labels, optional class names."""
