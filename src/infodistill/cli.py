@@ -171,6 +171,36 @@ def command_proxies(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_experts(args: argparse.Namespace) -> int:
+    """Train expert trajectories for trajectory matching (MTT, DATM). An expert is a network trained on
+    the real data with MTT's recipe whose weights are recorded before training and after every epoch;
+    its trajectory is those epochs + 1 flat weight vectors. Each expert is one file
+    expert-NNNN.safetensors in --out; experts already there count toward --count."""
+    from infodistill.pools import train_experts
+
+    for name in ("count", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not args.lr > 0 or args.lr == float("inf"):
+        raise UserInputError(f"--lr must be a positive finite number, got {args.lr}")
+    if not 0 <= args.zca < float("inf"):
+        raise UserInputError(f"--zca must be >= 0 (the whitening epsilon; 0 turns whitening off), got {args.zca}")
+    if args.seed < 0:
+        raise UserInputError(f"--seed must be a non-negative integer, got {args.seed}")
+    EvalConfig(model=args.model, device=args.device).validate()
+    real = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
+    records = train_experts(real, args.out, model=args.model, count=args.count, epochs=args.epochs, lr=args.lr,
+                            batch_size=args.batch_size, augment=args.augment, zca=args.zca, seed=args.seed,
+                            device=args.device, progress=not args.json)
+    if args.json:
+        _print_json({"out_dir": str(args.out), "experts": [{"index": r.index, "seed": r.seed, "path": str(r.path),
+                                                            "test_accuracy": r.test_accuracy} for r in records]})
+    else:
+        for record in records:
+            print(f"{record.path}: test accuracy {record.test_accuracy:.2f} % after {args.epochs} epochs")
+    return 0
+
+
 def command_cmi(args: argparse.Namespace) -> int:
     """Report the class-aware CMI of a labelled set under every proxy of a pool (mean and std)."""
     from infodistill.pools import ProxyPool
@@ -311,6 +341,28 @@ def build_parser() -> argparse.ArgumentParser:
     proxies.add_argument("--out", required=True, metavar="DIR", help="pool directory (proxies are added to it)")
     proxies.add_argument("--json", action="store_true", help="print the result as JSON")
     proxies.set_defaults(handler=command_proxies)
+
+    experts = commands.add_parser("experts", help="train expert trajectories for trajectory matching (mtt, datm)",
+                                  description=command_experts.__doc__ + " Recipe of MTT: SGD without momentum or "
+                                  "weight decay at a constant learning rate, DSA augmentation, optionally on "
+                                  "ZCA-whitened data; the model must not use batch norm.")
+    _add_data_flags(experts, DEFAULT_DATASET)
+    experts.add_argument("--model", default="ConvNet-3", metavar="NAME",
+                         help=f"expert architecture, without batch norm (default: ConvNet-3); {model_names_help()}")
+    experts.add_argument("--count", type=int, default=5, metavar="K", help="number of experts (default: 5)")
+    experts.add_argument("--epochs", type=int, default=50, metavar="E",
+                         help="training epochs per expert; the trajectory has E + 1 checkpoints (default: 50)")
+    experts.add_argument("--lr", type=float, default=0.01, help="constant SGD learning rate (default: 0.01)")
+    experts.add_argument("--batch-size", type=int, default=256, metavar="N", help="batch size (default: 256)")
+    experts.add_argument("--augment", choices=AUGMENTATIONS, default="dsa", help="training augmentation (default: dsa)")
+    experts.add_argument("--zca", type=float, default=0.0, metavar="EPS",
+                         help="train on ZCA-whitened data with this regularisation, e.g. 0.1 as MTT on CIFAR "
+                              "(default: 0, off); distil with the same --zca")
+    experts.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    experts.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default: cpu)")
+    experts.add_argument("--out", required=True, metavar="DIR", help="expert directory (experts are added to it)")
+    experts.add_argument("--json", action="store_true", help="print the result as JSON")
+    experts.set_defaults(handler=command_experts)
 
     cmi = commands.add_parser("cmi", help="the class-aware CMI of a labelled set under a proxy pool",
                               description=command_cmi.__doc__)

@@ -35,6 +35,7 @@ from infodistill.artefact import DistilledSet, SetMetadata, save_set
 from infodistill.augment import DSA
 from infodistill.config import config_from_mapping
 from infodistill.data import ClassSampler, RealData, load_dataset
+from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EvalConfig, evaluate_set, resolve_device
 from infodistill.files import atomic_path
@@ -511,6 +512,8 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     _prepare_out_dir(files, resume)
     device = resolve_device(config.device)
     real = real if real is not None else load_dataset(config.dataset, data_root=config.data_root)
+    if config.zca > 0:
+        real = whiten(real, config.zca)  # every tensor the run sees, and the artefact, are in whitened space
     train_images, train_labels = real.train_tensors()
     sampler = ClassSampler(train_images.to(device), train_labels.to(device), real.info.num_classes)
     if config.ipc > sampler.smallest_class_size():

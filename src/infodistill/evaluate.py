@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from infodistill.artefact import DistilledSet, SetMetadata
 from infodistill.augment import DSA
 from infodistill.data import ClassSampler, DatasetInfo, RealData
+from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
 from infodistill.models import build_model, parse_model_name
 
@@ -311,6 +312,8 @@ def evaluate_set(
     """Score a distilled (or selected) set with the protocol: N runs from scratch, real test set."""
     config.validate()
     check_set_fits(distilled, real.info)
+    if "zca" in distilled.metadata.extra:
+        real = whiten(real, float(distilled.metadata.extra["zca"]))  # the set lives in whitened space
     started = time.perf_counter()
     soft = config.use_soft_labels and distilled.soft_labels is not None
     targets = distilled.soft_labels if soft else distilled.labels

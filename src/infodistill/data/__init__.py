@@ -18,12 +18,13 @@ from infodistill.data.datasets import (
     resolve_data_root,
 )
 from infodistill.data.sampler import ClassSampler
+from infodistill.data.zca import WhitenedData, ZCAWhitening, whiten
 
 __all__ = [
-    "DATA_ENV_VAR",
     "DATASET_NAMES",
     "DATASET_PREFIXES",
     "DATASET_REGISTRY",
+    "DATA_ENV_VAR",
     "ClassSampler",
     "DatasetInfo",
     "DatasetSpec",
@@ -31,9 +32,12 @@ __all__ = [
     "RealData",
     "RestrictedUnpickler",
     "Splits",
+    "WhitenedData",
+    "ZCAWhitening",
     "dataset_info",
     "load_dataset",
     "load_restricted_pickle",
     "read_idx",
     "resolve_data_root",
+    "whiten",
 ]
