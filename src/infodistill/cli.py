@@ -191,7 +191,7 @@ def command_experts(args: argparse.Namespace) -> int:
     real = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
     records = train_experts(real, args.out, model=args.model, count=args.count, epochs=args.epochs, lr=args.lr,
                             batch_size=args.batch_size, augment=args.augment, zca=args.zca, seed=args.seed,
-                            device=args.device, progress=not args.json)
+                            device=args.device, progress=not args.json, train_per_class=args.train_per_class)
     if args.json:
         _print_json({"out_dir": str(args.out), "experts": [{"index": r.index, "seed": r.seed, "path": str(r.path),
                                                             "test_accuracy": r.test_accuracy} for r in records]})
@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     experts.add_argument("--zca", type=float, default=0.0, metavar="EPS",
                          help="train on ZCA-whitened data with this regularisation, e.g. 0.1 as MTT on CIFAR "
                               "(default: 0, off); distil with the same --zca")
+    experts.add_argument("--train-per-class", type=int, default=0, metavar="N",
+                         help="train on a class-balanced random N images per class (default: 0, all; quicker experts)")
     experts.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     experts.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default: cpu)")
     experts.add_argument("--out", required=True, metavar="DIR", help="expert directory (experts are added to it)")
