@@ -22,8 +22,10 @@ from infodistill.methods.gradient_matching import (  # noqa: E402  isort: skip
 )
 from infodistill.methods.mtt import TrajectoryMatching  # noqa: E402  isort: skip
 from infodistill.methods.datm import DifficultyAlignedMatching  # noqa: E402  isort: skip
+from infodistill.methods.idc import IDC  # isort: skip
 
 __all__ = [
+    "IDC",
     "METHOD_REGISTRY",
     "ClassUpdate",
     "DatasetCondensation",

@@ -19,6 +19,7 @@ import torch
 from infodistill.augment import DSA
 from infodistill.data import ClassSampler, DatasetInfo
 from infodistill.errors import UserInputError
+from infodistill.models.norm import BATCH_NORM_TYPES
 from infodistill.synthetic import SyntheticSet
 
 
@@ -63,6 +64,20 @@ class DistillContext:
             real_by_class.append(real)
             synthetic_by_class.append(syn)
         return real_by_class, synthetic_by_class
+
+    def calibrate_batch_norm(self, network: torch.nn.Module, images_per_class: int) -> None:
+        """Refresh ``network``'s batch-norm running statistics on up to ``images_per_class`` real images of
+        every class, then put those layers in eval mode (a few synthetic images per class would give
+        useless batch statistics)."""
+        sampler = self.sampler
+        real = torch.cat([sampler.sample(c, min(images_per_class, sampler.class_count(c)), self.generator)
+                          for c in range(self.synthetic.num_classes)])
+        network.train()
+        with torch.no_grad():
+            network(real)
+        for module in network.modules():
+            if isinstance(module, BATCH_NORM_TYPES):
+                module.eval()
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from infodistill.methods.base import (
     MethodDefaults,
     register_method,
 )
-from infodistill.models.norm import BATCH_NORM_TYPES, has_batch_norm
+from infodistill.models.norm import has_batch_norm
 
 
 def gradient_distance(real_grads: Sequence[Tensor], synthetic_grads: Sequence[Tensor]) -> Tensor:
@@ -155,7 +155,7 @@ class GradientMatching(Method):
 
         for outer in range(outer_loop):
             if has_batch_norm(network):
-                self._freeze_batch_norm(network, context)
+                context.calibrate_batch_norm(network, self.BATCH_NORM_IMAGES_PER_CLASS)
             real_by_class, synthetic_by_class = context.paired_class_batches(self.batch_real)
             yield self.matching_loss(network, real_by_class, synthetic_by_class)
             if outer == outer_loop - 1:
@@ -211,22 +211,6 @@ class GradientMatching(Method):
                 loss.backward()
                 optimizer.step()
 
-    def _freeze_batch_norm(self, network: nn.Module, context: DistillContext) -> None:
-        """Refresh batch-norm running statistics on real images, then put those layers in eval mode."""
-        sampler = context.sampler
-        per_class = self.BATCH_NORM_IMAGES_PER_CLASS
-        real = torch.cat(
-            [
-                sampler.sample(c, min(per_class, sampler.class_count(c)), context.generator)
-                for c in range(context.synthetic.num_classes)
-            ]
-        )
-        network.train()
-        with torch.no_grad():
-            network(real)
-        for module in network.modules():
-            if isinstance(module, BATCH_NORM_TYPES):
-                module.eval()
 
 
 @register_method("dc")

@@ -7,6 +7,7 @@ from infodistill.synthetic.base import (
     register_parameterisation,
 )
 from infodistill.synthetic.pixels import INITS, PixelSet  # noqa: E402  isort: skip
+from infodistill.synthetic.multi import MultiFormationSet  # isort: skip
 
-__all__ = ["INITS", "PARAMETERISATION_REGISTRY", "PixelSet", "SyntheticSet", "build_synthetic",
-           "register_parameterisation"]
+__all__ = ["INITS", "PARAMETERISATION_REGISTRY", "MultiFormationSet", "PixelSet", "SyntheticSet",
+           "build_synthetic", "register_parameterisation"]
