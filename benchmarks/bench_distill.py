@@ -22,14 +22,13 @@ import time
 import torch
 
 from infodistill.augment import DSA
-from infodistill.data import ClassSampler, load_dataset
 from infodistill.distill import DistillConfig, RegularizerTerm, build_method, make_context, run_iteration
 from infodistill.models import build_model
 from infodistill.pools import ProxyPool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
 
-from report import emit_json  # benchmarks/report.py (scripts run from this folder)
+from report import emit_json, fashion_mnist_sampler  # benchmarks/report.py (scripts run from this folder)
 
 
 def reference_dm_iteration(context, batch_real: int, optimizer) -> None:
@@ -73,9 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    real = load_dataset("fashion-mnist")
-    images, labels = real.train_tensors()
-    sampler = ClassSampler(images.to(device), labels.to(device), real.info.num_classes)
+    real, sampler = fashion_mnist_sampler(device)
     config = DistillConfig(method="dm", ipc=args.ipc, batch_real=args.batch_real, device=args.device).with_method_defaults()
     synthetic = PixelSet.initialise(sampler, args.ipc, "real", torch.Generator().manual_seed(0)).to(device)
     optimizer = torch.optim.SGD(synthetic.parameters(), lr=config.lr_images, momentum=config.momentum_images)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from infodistill.data import ClassSampler, RealData, load_dataset
+
 
 def emit_json(report: dict, out: str | None) -> None:
     """Print ``report`` as indented JSON; also write it to ``out`` when given."""
@@ -12,3 +16,10 @@ def emit_json(report: dict, out: str | None) -> None:
     print(text)
     if out:
         Path(out).write_text(text + "\n")
+
+
+def fashion_mnist_sampler(device: torch.device) -> tuple[RealData, ClassSampler]:
+    """Real Fashion-MNIST and a class-wise sampler over its normalised training images on ``device``."""
+    real = load_dataset("fashion-mnist")
+    images, labels = real.train_tensors()
+    return real, ClassSampler(images.to(device), labels.to(device), real.info.num_classes)

@@ -1,0 +1,164 @@
+"""Speed and memory of MTT, DATM and IDC iterations, and the overhead of the CMI term on each.
+
+All in one process on the same data, so every ratio compares like with like:
+
+- MTT at ``--syn-steps`` (default 10, 20, 50) with the whole unrolled graph kept (``memory=full``) and
+  with each step recomputed in the backward pass (``memory=checkpoint``): seconds per iteration and
+  the peak resident memory the iteration adds above what the process held before it (Linux
+  ``/proc/self/clear_refs`` resets the peak between measurements);
+- DATM, IDC: seconds per iteration;
+- each method with and without the CMI term (one random proxy per step, a ResNet18 pool as in the
+  paper, computed every step): the ratio is the CMI overhead (goal <= 1.15x).
+
+Experts are trained here for a few epochs on a small class-balanced subset: the cost of an
+iteration does not depend on how good they are. Proxy weights are random for the same reason.
+
+    python benchmarks/bench_trajectory.py [--ipc 10] [--model ConvNet-3-32] [--repeats 2] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from infodistill.augment import DSA
+from infodistill.distill import (
+    DistillConfig,
+    ImageAverage,
+    RegularizerTerm,
+    build_method,
+    make_context,
+    run_iteration,
+)
+from infodistill.methods import MethodSetup
+from infodistill.models import build_model
+from infodistill.pools import ProxyPool, train_experts
+from infodistill.regularizers import CMIRegularizer
+from infodistill.synthetic import build_synthetic
+
+from report import emit_json, fashion_mnist_sampler  # benchmarks/report.py (scripts run from this folder)
+
+
+def reset_peak_memory() -> int:
+    """Reset the kernel's peak-RSS counter of this process; return the current RSS in KiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class Runner:
+    """One method's iteration on a fixed synthetic set, as the loop runs it."""
+
+    def __init__(self, config: DistillConfig, real, sampler, device: torch.device, terms=()) -> None:
+        self.config = config.with_method_defaults()
+        self.real, self.sampler, self.device = real, sampler, device
+        generator = torch.Generator().manual_seed(0)
+        self.synthetic = build_synthetic(self.config.param, sampler, self.config.ipc, "real", generator,
+                                         factor=self.config.factor).to(device)
+        self.method = build_method(self.config)
+        self.method.prepare(MethodSetup(self.synthetic, sampler, real.info, device, self.config.model,
+                                        torch.Generator().manual_seed(1), fresh=True))
+        groups = [{"params": list(self.synthetic.parameters()), "name": "synthetic"}, *self.method.parameter_groups()]
+        self.optimizer = torch.optim.SGD(groups, lr=self.config.lr_images, momentum=self.config.momentum_images)
+        self.average = ImageAverage(self.synthetic, self.config.ema_decay) if self.config.ema_decay else None
+        self.augment = DSA()
+        self.terms = list(terms)
+
+    def __call__(self, index: int) -> None:
+        context = make_context(self.config, index + 1, self.synthetic, self.sampler, self.real, self.augment, self.device)
+        run_iteration(self.method, self.terms, context, self.optimizer, self.average)
+
+
+def median_seconds(step, repeats: int) -> float:
+    step(-1)
+    times = []
+    for index in range(repeats):
+        started = time.perf_counter()
+        step(index)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--model", default="ConvNet-3-32")
+    parser.add_argument("--syn-steps", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--idc-outer-loop", type=int, default=10,
+                        help="IDC outer steps per iteration here (published: 100 for CIFAR-10; time scales linearly)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    real, sampler = fashion_mnist_sampler(device)
+    info = real.info
+    proxies = [build_model("ResNet18", info.channels, info.num_classes, info.image_size, seed=k) for k in range(2)]
+    pool = ProxyPool([proxy.to(device) for proxy in proxies], "ResNet18", info)
+
+    with tempfile.TemporaryDirectory() as experts_dir:
+        train_experts(real.training_subset(100, seed=0), experts_dir, model=args.model, count=2, epochs=4, progress=False, device=args.device)
+        common = dict(dataset="fashion-mnist", ipc=args.ipc, model=args.model, device=args.device)
+        trajectory = dict(experts=experts_dir, expert_epochs=2, max_start_epoch=2)
+
+        memory: dict[str, dict] = {}
+        seconds: dict[str, float] = {}
+        for steps in args.syn_steps:
+            for mode in ("full", "checkpoint"):
+                name = f"mtt[syn_steps={steps}, {mode}]"
+                runner = Runner(DistillConfig(method="mtt", syn_steps=steps, memory=mode, **trajectory, **common),
+                                real, sampler, device)
+                runner(-1)
+                before = reset_peak_memory()
+                seconds[name] = median_seconds(runner, args.repeats)
+                memory[name] = {"added_peak_mib": round((_status_kib("VmHWM") - before) / 1024, 1)}
+        cmi = [RegularizerTerm("cmi", CMIRegularizer(pool), 1.0, 1)]
+        pairs = {
+            "mtt": DistillConfig(method="mtt", syn_steps=args.syn_steps[0], **trajectory, **common),
+            "datm": DistillConfig(method="datm", syn_steps=args.syn_steps[0], window_start_max=1, **trajectory,
+                                  **common),
+            "idc": DistillConfig(method="idc", outer_loop=args.idc_outer_loop, **common),
+        }
+        overhead = {}
+        for name, config in pairs.items():
+            plain = median_seconds(Runner(config, real, sampler, device), args.repeats)
+            with_cmi = median_seconds(Runner(config, real, sampler, device, cmi), args.repeats)
+            seconds[name], seconds[f"{name}+cmi"] = plain, with_cmi
+            overhead[name] = round(with_cmi / plain, 3)
+
+    report = {
+        "benchmark": "trajectory_and_idc_iteration",
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": str(device)},
+        "setting": {"dataset": "fashion-mnist", "ipc": args.ipc, "model": args.model, "augment": "dsa",
+                    "repeats": args.repeats, "batch_syn": "all", "idc_outer_loop": args.idc_outer_loop,
+                    "cmi_proxy": "ResNet18"},
+        "seconds_per_iteration": {name: round(value, 4) for name, value in seconds.items()},
+        "mtt_memory": memory,
+        "checkpoint_vs_full": {
+            str(steps): {
+                "time_ratio": round(seconds[f"mtt[syn_steps={steps}, checkpoint]"] / seconds[f"mtt[syn_steps={steps}, full]"], 3),
+                "memory_ratio": round(memory[f"mtt[syn_steps={steps}, checkpoint]"]["added_peak_mib"]
+                                      / max(memory[f"mtt[syn_steps={steps}, full]"]["added_peak_mib"], 0.1), 3),
+            }
+            for steps in args.syn_steps
+        },
+        "cmi_overhead_ratio": overhead,
+    }
+    emit_json(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
