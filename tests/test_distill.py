@@ -183,3 +183,55 @@ def test_periodic_evaluation_logs_the_accuracy_of_the_current_set(real, tmp_path
     distill(config, tmp_path / "run", progress=False, real=real)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "eval/accuracy" not in lines[0] and 0.0 <= lines[1]["eval/accuracy"] <= 100.0
+
+
+def test_image_average_follows_the_warmed_up_decay():
+    from infodistill.distill import ImageAverage
+
+    synthetic = PixelSet(2, 1, (1, 2, 2))
+    average = ImageAverage(synthetic, decay=0.9)
+    expected = torch.zeros(2, 1, 2, 2)
+    for n, value in enumerate((1.0, 3.0, -2.0), start=1):
+        with torch.no_grad():
+            synthetic.pixels.fill_(value)
+        average.update(synthetic)
+        decay = min(0.9, (1 + n) / (10 + n))  # 2/11, 3/12, 4/13: all below 0.9
+        expected = decay * expected + (1 - decay) * value
+    torch.testing.assert_close(average.images(synthetic), expected)
+    assert float(synthetic.pixels.detach()[0, 0, 0, 0]) == -2.0  # the live set is untouched
+
+
+def test_a_per_class_update_shows_the_regularizers_that_class_only():
+    from infodistill.distill import RegularizerTerm, run_iteration
+    from infodistill.methods import ClassUpdate, Method
+    from infodistill.regularizers import Regularizer
+
+    class OneClass(Method):
+        name = "one-class"
+
+        @staticmethod
+        def defaults(ipc):
+            raise NotImplementedError
+
+        def iteration(self, context):
+            yield ClassUpdate(context.synthetic.class_images(1).pow(2).sum(), 1)
+
+    class Recorder(Regularizer):
+        def loss(self, images, labels, generator):
+            self.seen = (images.detach().clone(), labels.clone())
+            return images.sum() * 0
+
+    synthetic = PixelSet(3, 2, (1, 2, 2))
+    with torch.no_grad():
+        synthetic.pixels.copy_(torch.arange(24, dtype=torch.float32).view(6, 1, 2, 2))
+    before = synthetic.pixels.detach().clone()
+    recorder = Recorder()
+    context = type("Context", (), {"synthetic": synthetic, "iteration": 0, "generator": torch.Generator()})()
+    optimizer = torch.optim.SGD([{"params": [synthetic.pixels], "name": "synthetic"}], lr=0.1)
+    run_iteration(OneClass(), [RegularizerTerm("rec", recorder, 1.0)], context, optimizer)
+    images, labels = recorder.seen
+    torch.testing.assert_close(images, before[2:4])
+    assert labels.tolist() == [1, 1]
+    # d/dx sum x^2 = 2x: only class 1's images move, by lr * 2x
+    torch.testing.assert_close(synthetic.pixels.detach()[2:4], before[2:4] * (1 - 0.2))
+    torch.testing.assert_close(synthetic.pixels.detach()[[0, 1, 4, 5]], before[[0, 1, 4, 5]])
