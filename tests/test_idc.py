@@ -381,3 +381,14 @@ def test_the_loop_fills_idc_defaults():
     config = DistillConfig(dataset="fashion-mnist", method="idc").with_method_defaults()
     assert (config.param, config.iterations, config.batch_real, config.augment) == ("multi", 2000, 64, True)
     assert (config.factor, config.upsample) == (2, "bilinear")
+
+
+def test_cli_refuses_a_factor_that_does_not_divide_the_image_size(striped_root, tmp_path, capsys):
+    from infodistill.cli import main as cli_main
+
+    code = cli_main(["distill", "--method", "idc", "--ipc", "1", "--factor", "3", "--iterations", "1", "--quiet",
+                     "--out", str(tmp_path / "run")])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert "factor 3 does not divide the image size 28x28" in error and "\n" not in error
+    assert not (tmp_path / "run").exists()
