@@ -3,9 +3,10 @@
 All in one process on the same data, so every ratio compares like with like:
 
 - MTT at ``--syn-steps`` (default 10, 20, 50) with the whole unrolled graph kept (``memory=full``) and
-  with each step recomputed in the backward pass (``memory=checkpoint``): seconds per iteration and
-  the peak resident memory the iteration adds above what the process held before it (Linux
-  ``/proc/self/clear_refs`` resets the peak between measurements);
+  with each step recomputed in the backward pass (``memory=checkpoint``): seconds per iteration, and
+  the peak resident memory one iteration adds, measured in a fresh process per setting (the peak after
+  the iteration minus the resident size before it; a process that already ran iterations keeps freed
+  memory and would hide the growth);
 - DATM, IDC: seconds per iteration;
 - each method with and without the CMI term (one random proxy per step, a ResNet18 pool as in the
   paper, computed every step): the ratio is the CMI overhead (goal <= 1.15x).
@@ -19,7 +20,10 @@ iteration does not depend on how good they are. Proxy weights are random for the
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +84,22 @@ class Runner:
         run_iteration(self.method, self.terms, context, self.optimizer, self.average)
 
 
+def probe_memory(experts_dir: str, mode: str, steps: int, ipc: int, model: str) -> None:
+    """In this (fresh) process: one MTT iteration; print the peak memory it added, in MiB, as JSON."""
+    device = torch.device("cpu")
+    real, sampler = fashion_mnist_sampler(device)
+    runner = Runner(DistillConfig(method="mtt", ipc=ipc, model=model, experts=experts_dir, expert_epochs=2,
+                                  max_start_epoch=2, syn_steps=steps, memory=mode), real, sampler, device)
+    before = reset_peak_memory()
+    runner(0)
+    print(json.dumps({"added_peak_mib": round((_status_kib("VmHWM") - before) / 1024, 1)}))
+
+
+def measured_memory(experts_dir: str, mode: str, steps: int, ipc: int, model: str) -> dict:
+    command = [sys.executable, __file__, "--probe", experts_dir, mode, str(steps), "--ipc", str(ipc), "--model", model]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+
 def median_seconds(step, repeats: int) -> float:
     step(-1)
     times = []
@@ -100,7 +120,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--probe", nargs=3, metavar=("EXPERTS", "MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        probe_memory(args.probe[0], args.probe[1], int(args.probe[2]), args.ipc, args.model)
+        return
     device = torch.device(args.device)
 
     real, sampler = fashion_mnist_sampler(device)
@@ -120,10 +144,8 @@ def main() -> None:
                 name = f"mtt[syn_steps={steps}, {mode}]"
                 runner = Runner(DistillConfig(method="mtt", syn_steps=steps, memory=mode, **trajectory, **common),
                                 real, sampler, device)
-                runner(-1)
-                before = reset_peak_memory()
                 seconds[name] = median_seconds(runner, args.repeats)
-                memory[name] = {"added_peak_mib": round((_status_kib("VmHWM") - before) / 1024, 1)}
+                memory[name] = measured_memory(experts_dir, mode, steps, args.ipc, args.model)
         cmi = [RegularizerTerm("cmi", CMIRegularizer(pool), 1.0, 1)]
         pairs = {
             "mtt": DistillConfig(method="mtt", syn_steps=args.syn_steps[0], **trajectory, **common),

@@ -59,18 +59,19 @@ def test_unrolled_gradient_matches_finite_differences(memory):
     torch.testing.assert_close(grad_lr, numeric_lr.detach(), rtol=1e-5, atol=1e-9)
 
 
-def test_checkpointed_unroll_gives_the_same_gradients_as_the_full_graph():
+def test_recomputed_unroll_gives_the_same_gradients_as_the_full_graph():
     model, student = _student()
     generator = torch.Generator().manual_seed(4)
     start = student.flatten(model)
     images = torch.randn(6, 1, 8, 8, generator=generator, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 3, (6,), generator=generator)
+    label_logits = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     lr = torch.tensor(0.02, dtype=torch.float64, requires_grad=True)
-    batches = [(images[:3], labels[:3]), (images[3:], labels[3:]), (images[:3], labels[:3])]
     gradients = []
     for memory in ("full", "checkpoint"):
+        soft = torch.softmax(label_logits, dim=1)  # learned soft labels (DATM) need gradients too
+        batches = [(images[:3], soft[:3]), (images[3:], soft[3:]), (images[:3], soft[:3])]
         end = student.unroll(start, lr, batches, memory=memory)
-        gradients.append(torch.autograd.grad(end.pow(2).sum(), [images, lr]))
+        gradients.append(torch.autograd.grad(end.pow(2).sum(), [images, lr, label_logits]))
     for full, checkpointed in zip(*gradients):
         torch.testing.assert_close(full, checkpointed)
 
