@@ -12,7 +12,8 @@ step as :class:`_RecomputedStep`: the forward pass keeps only the step's inputs 
 step size, the batch), and the backward pass rebuilds one step's graph at a time to propagate through
 it (one extra forward and gradient per step). ``torch.utils.checkpoint`` does not help here: a step
 calls ``torch.autograd.grad`` inside its own forward, and the non-reentrant checkpoint still kept most
-of each step's tensors (measured: 1.4 GiB instead of 1.8 GiB at 20 steps, see benchmarks/README.md).
+of each step's tensors (measured for 20 steps of ConvNet-3-32 on 100 Fashion-MNIST-sized images: 1.43 GiB
+added instead of 1.82 GiB; this class adds 0.31 GiB at 10 and at 40 steps).
 """
 
 from __future__ import annotations
