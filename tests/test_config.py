@@ -48,3 +48,17 @@ def test_bad_yaml_is_refused_in_one_line(tmp_path, text, fragment):
 def test_missing_yaml_file_is_named(tmp_path):
     with pytest.raises(UserInputError, match="nope.yaml"):
         build_config(Example, tmp_path / "nope.yaml")
+
+
+def test_every_preset_is_a_valid_distillation_config():
+    from pathlib import Path
+
+    from infodistill.config import load_yaml_mapping
+    from infodistill.distill import distill_config_from
+
+    presets = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(presets) >= 24
+    for preset in presets:
+        config = distill_config_from(load_yaml_mapping(preset), str(preset))
+        config.validate()
+        assert preset.name.startswith(config.method + "-") and f"-ipc{config.ipc}-" in preset.name
