@@ -89,7 +89,8 @@ def probe_memory(experts_dir: str, mode: str, steps: int, ipc: int, model: str) 
     device = torch.device("cpu")
     real, sampler = fashion_mnist_sampler(device)
     runner = Runner(DistillConfig(method="mtt", ipc=ipc, model=model, experts=experts_dir, expert_epochs=2,
-                                  max_start_epoch=2, syn_steps=steps, memory=mode, lr_images=100.0),
+                                  max_start_epoch=2, syn_steps=steps, memory=mode, lr_images=100.0,
+                                  lr_lr=1e-7),
                     real, sampler, device)
     before = reset_peak_memory()
     runner(0)
@@ -137,8 +138,8 @@ def main() -> None:
         train_experts(real.training_subset(100, seed=0), experts_dir, model=args.model, count=2, epochs=4, progress=False, device=args.device)
         common = dict(dataset="fashion-mnist", ipc=args.ipc, model=args.model, device=args.device)
         # lr_images below MTT's 1000: these quick experts move fast in their first epochs, and at 1000 the
-        # images diverged (NaN) within 3 iterations; the time of an iteration does not depend on the rate
-        trajectory = dict(experts=experts_dir, expert_epochs=2, max_start_epoch=2, lr_images=100.0)
+        # images diverged (NaN) within 3 iterations (and lr_lr 1e-5 made the step size negative at 50 steps); the time of an iteration does not depend on the rate
+        trajectory = dict(experts=experts_dir, expert_epochs=2, max_start_epoch=2, lr_images=100.0, lr_lr=1e-7)
 
         memory: dict[str, dict] = {}
         seconds: dict[str, float] = {}

@@ -129,3 +129,23 @@ def test_cli_refuses_bad_trajectory_input_with_exit_2(striped_root, experts_dir,
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and "lr_labels" in errors[0] and "max_start_epoch 9" in errors[1] and "--experts" in errors[2]
     assert not any((tmp_path / name).exists() for name in "xyz")
+
+
+def test_the_learned_step_size_is_projected_onto_positive_values(real, experts_dir):
+    from infodistill.data import ClassSampler
+    from infodistill.distill import build_method, make_context
+
+    config = _config("mtt", experts_dir).with_method_defaults()
+    images, labels = real.train_tensors()
+    sampler = ClassSampler(images, labels, 10)
+    synthetic = build_synthetic("pixels", sampler, 2, "real", torch.Generator().manual_seed(0))
+    method = build_method(config)
+    method.prepare(MethodSetup(synthetic, sampler, real.info, torch.device("cpu"), MODEL,
+                               torch.Generator().manual_seed(1), fresh=True))
+    with torch.no_grad():
+        method.lr.fill_(-0.5)  # where a large step-size update can throw it
+    assert float(method.artefact_tensors()["lr"]) == pytest.approx(method.MIN_LR)
+    context = make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"))
+    loss = next(method.iteration(context))
+    assert float(method.lr.detach()) == pytest.approx(method.MIN_LR) and bool(torch.isfinite(loss.detach()))
+    assert float(loss.detach()) == pytest.approx(1.0, abs=1e-3)  # a step of 1e-6 leaves the student where it started

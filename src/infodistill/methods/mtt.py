@@ -52,6 +52,9 @@ class TrajectoryMatching(Method):
         50: (30, 2, 40, 1000.0, 1e-5),
     })
     ITERATIONS: ClassVar[int] = 5000
+    MIN_LR: ClassVar[float] = 1e-6
+    """The learned step size is projected onto [MIN_LR, inf) before each iteration: a negative step makes
+    the student ascend its loss, and the run then diverges (seen with 50 steps on quick experts)."""
 
     def __init__(
         self,
@@ -116,7 +119,7 @@ class TrajectoryMatching(Method):
         return [{"params": [self.lr], "lr": self.lr_lr, "momentum": 0.5, "name": "lr"}]
 
     def artefact_tensors(self) -> dict[str, Tensor]:
-        return {"lr": self.lr.detach().reshape(())}
+        return {"lr": self.lr.detach().clamp_min(self.MIN_LR).reshape(())}
 
     def start_epoch_bound(self, iteration: int) -> int:
         """Start epochs are drawn from [min_start_epoch, this bound)."""
@@ -127,6 +130,8 @@ class TrajectoryMatching(Method):
         return synthetic.labels
 
     def iteration(self, context: DistillContext) -> Iterator[Tensor]:
+        with torch.no_grad():
+            self.lr.clamp_(min=self.MIN_LR)
         generator = context.generator
         expert = self.experts.sample_index(generator)
         start_epoch = int(torch.randint(self.min_start_epoch, self.start_epoch_bound(context.iteration), (1,),
