@@ -102,6 +102,14 @@ def measured_memory(experts_dir: str, mode: str, steps: int, ipc: int, model: st
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
+def mean_seconds(step, repeats: int) -> float:
+    step(-1)
+    started = time.perf_counter()
+    for index in range(repeats):
+        step(index)
+    return (time.perf_counter() - started) / repeats
+
+
 def median_seconds(step, repeats: int) -> float:
     step(-1)
     times = []
@@ -121,6 +129,9 @@ def main() -> None:
                         help="IDC outer steps per iteration here (published: 100 for CIFAR-10; time scales linearly)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cmi-proxy", default="ResNet18", help="proxy architecture of the CMI term")
+    parser.add_argument("--cmi-every", type=int, default=1, help="compute the CMI term every K iterations")
+    parser.add_argument("--skip-memory", action="store_true", help="time the method pairs only")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--probe", nargs=3, metavar=("EXPERTS", "MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,8 +142,8 @@ def main() -> None:
 
     real, sampler = fashion_mnist_sampler(device)
     info = real.info
-    proxies = [build_model("ResNet18", info.channels, info.num_classes, info.image_size, seed=k) for k in range(2)]
-    pool = ProxyPool([proxy.to(device) for proxy in proxies], "ResNet18", info)
+    proxies = [build_model(args.cmi_proxy, info.channels, info.num_classes, info.image_size, seed=k) for k in range(2)]
+    pool = ProxyPool([proxy.to(device) for proxy in proxies], args.cmi_proxy, info)
 
     with tempfile.TemporaryDirectory() as experts_dir:
         train_experts(real.training_subset(100, seed=0), experts_dir, model=args.model, count=2, epochs=4, progress=False, device=args.device)
@@ -143,14 +154,14 @@ def main() -> None:
 
         memory: dict[str, dict] = {}
         seconds: dict[str, float] = {}
-        for steps in args.syn_steps:
+        for steps in [] if args.skip_memory else args.syn_steps:
             for mode in ("full", "checkpoint"):
                 name = f"mtt[syn_steps={steps}, {mode}]"
                 runner = Runner(DistillConfig(method="mtt", syn_steps=steps, memory=mode, **trajectory, **common),
                                 real, sampler, device)
                 seconds[name] = median_seconds(runner, args.repeats)
                 memory[name] = measured_memory(experts_dir, mode, steps, args.ipc, args.model)
-        cmi = [RegularizerTerm("cmi", CMIRegularizer(pool), 1.0, 1)]
+        cmi = [RegularizerTerm("cmi", CMIRegularizer(pool), 1.0, args.cmi_every)]
         pairs = {
             "mtt": DistillConfig(method="mtt", syn_steps=args.syn_steps[0], **trajectory, **common),
             "datm": DistillConfig(method="datm", syn_steps=args.syn_steps[0], window_start_max=1, **trajectory,
@@ -159,8 +170,9 @@ def main() -> None:
         }
         overhead = {}
         for name, config in pairs.items():
-            plain = median_seconds(Runner(config, real, sampler, device), args.repeats)
-            with_cmi = median_seconds(Runner(config, real, sampler, device, cmi), args.repeats)
+            plain = mean_seconds(Runner(config, real, sampler, device), max(args.repeats, args.cmi_every))
+            # every K-th iteration computes the term: time K of them in a row and take the mean
+            with_cmi = mean_seconds(Runner(config, real, sampler, device, cmi), max(args.repeats, args.cmi_every))
             seconds[name], seconds[f"{name}+cmi"] = plain, with_cmi
             overhead[name] = round(with_cmi / plain, 3)
 
@@ -170,10 +182,10 @@ def main() -> None:
                     "device": str(device)},
         "setting": {"dataset": "fashion-mnist", "ipc": args.ipc, "model": args.model, "augment": "dsa",
                     "repeats": args.repeats, "batch_syn": "all", "idc_outer_loop": args.idc_outer_loop,
-                    "cmi_proxy": "ResNet18"},
+                    "cmi_proxy": args.cmi_proxy, "cmi_every": args.cmi_every},
         "seconds_per_iteration": {name: round(value, 4) for name, value in seconds.items()},
         "mtt_memory": memory,
-        "checkpoint_vs_full": {
+        "checkpoint_vs_full": {} if args.skip_memory else {
             str(steps): {
                 "time_ratio": round(seconds[f"mtt[syn_steps={steps}, checkpoint]"] / seconds[f"mtt[syn_steps={steps}, full]"], 3),
                 "memory_ratio": round(memory[f"mtt[syn_steps={steps}, checkpoint]"]["added_peak_mib"]
