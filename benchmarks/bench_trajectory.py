@@ -30,20 +30,10 @@ from pathlib import Path
 
 import torch
 
-from infodistill.augment import DSA
-from infodistill.distill import (
-    DistillConfig,
-    ImageAverage,
-    RegularizerTerm,
-    build_method,
-    make_context,
-    run_iteration,
-)
-from infodistill.methods import MethodSetup
+from infodistill.distill import DistillConfig, RegularizerTerm, build_run_parts, make_context, run_iteration
 from infodistill.models import build_model
 from infodistill.pools import ProxyPool, train_experts
 from infodistill.regularizers import CMIRegularizer
-from infodistill.synthetic import build_synthetic
 
 from report import emit_json, fashion_mnist_sampler  # benchmarks/report.py (scripts run from this folder)
 
@@ -67,21 +57,14 @@ class Runner:
     def __init__(self, config: DistillConfig, real, sampler, device: torch.device, terms=()) -> None:
         self.config = config.with_method_defaults()
         self.real, self.sampler, self.device = real, sampler, device
-        generator = torch.Generator().manual_seed(0)
-        self.synthetic = build_synthetic(self.config.param, sampler, self.config.ipc, "real", generator,
-                                         factor=self.config.factor).to(device)
-        self.method = build_method(self.config)
-        self.method.prepare(MethodSetup(self.synthetic, sampler, real.info, device, self.config.model,
-                                        torch.Generator().manual_seed(1), fresh=True))
-        groups = [{"params": list(self.synthetic.parameters()), "name": "synthetic"}, *self.method.parameter_groups()]
-        self.optimizer = torch.optim.SGD(groups, lr=self.config.lr_images, momentum=self.config.momentum_images)
-        self.average = ImageAverage(self.synthetic, self.config.ema_decay) if self.config.ema_decay else None
-        self.augment = DSA()
+        self.parts = build_run_parts(self.config, real, sampler, device)
         self.terms = list(terms)
 
     def __call__(self, index: int) -> None:
-        context = make_context(self.config, index + 1, self.synthetic, self.sampler, self.real, self.augment, self.device)
-        run_iteration(self.method, self.terms, context, self.optimizer, self.average)
+        parts = self.parts
+        context = make_context(self.config, index + 1, parts.synthetic, self.sampler, self.real, parts.augment,
+                               self.device)
+        run_iteration(parts.method, self.terms, context, parts.optimizer, parts.average)
 
 
 def probe_memory(experts_dir: str, mode: str, steps: int, ipc: int, model: str) -> None:

@@ -492,6 +492,35 @@ def _distilled_set(synthetic: SyntheticSet, method: Method, average: ImageAverag
                         metadata=_set_metadata(config, real, weights, iterations))
 
 
+@dataclass
+class RunParts:
+    """What a run steps: the synthetic set, the method, one optimiser over the set and the method's learned
+    tensors, the image average (or None), and the augmentation (or None)."""
+
+    synthetic: SyntheticSet
+    method: Method
+    optimizer: torch.optim.Optimizer
+    average: ImageAverage | None
+    augment: DSA | None
+
+
+def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler, device: torch.device,
+                    fresh: bool = True) -> RunParts:
+    """Initialise the synthetic set, build and prepare the method, and the optimiser over both, from
+    ``config`` with its method defaults filled (the loop and the benchmarks share this)."""
+    init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
+    synthetic = build_synthetic(config.param, sampler, config.ipc, config.init, init_generator,
+                                factor=config.factor, upsample=config.upsample).to(device)
+    method = build_method(config)
+    setup_generator = torch.Generator().manual_seed(stream_seed(config.seed, SETUP_STREAM))
+    method.prepare(MethodSetup(synthetic=synthetic, sampler=sampler, info=real.info, device=device,
+                               model_name=config.model, generator=setup_generator, fresh=fresh, init=config.init))
+    groups = [{"params": list(synthetic.parameters()), "name": "synthetic"}, *method.parameter_groups()]
+    optimizer = torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum_images)
+    average = ImageAverage(synthetic, config.ema_decay) if config.ema_decay else None
+    return RunParts(synthetic, method, optimizer, average, DSA() if config.augment else None)
+
+
 def _prepare_out_dir(files: RunFiles, resume: bool) -> None:
     if resume:
         if not files.checkpoint.exists():
@@ -519,18 +548,9 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     if config.ipc > sampler.smallest_class_size():
         raise UserInputError(f"ipc {config.ipc} is above the smallest class size {sampler.smallest_class_size()} of '{real.info.name}'")
 
-    init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
-    synthetic = build_synthetic(config.param, sampler, config.ipc, config.init, init_generator,
-                                factor=config.factor, upsample=config.upsample).to(device)
-    method = build_method(config)
-    setup_generator = torch.Generator().manual_seed(stream_seed(config.seed, SETUP_STREAM))
-    method.prepare(MethodSetup(synthetic=synthetic, sampler=sampler, info=real.info, device=device,
-                               model_name=config.model, generator=setup_generator, fresh=not resume,
-                               init=config.init))
-    augment = DSA() if config.augment else None
-    groups = [{"params": list(synthetic.parameters()), "name": "synthetic"}, *method.parameter_groups()]
-    optimizer = torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum_images)
-    average = ImageAverage(synthetic, config.ema_decay) if config.ema_decay else None
+    parts = build_run_parts(config, real, sampler, device, fresh=not resume)
+    synthetic, method, optimizer, average, augment = (parts.synthetic, parts.method, parts.optimizer, parts.average,
+                                                      parts.augment)
 
     terms: list[RegularizerTerm] = []
     pool_regularizer = None
