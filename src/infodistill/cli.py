@@ -150,24 +150,33 @@ def command_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+
+
+def _report_trained(args: argparse.Namespace, kind: str, records: Sequence, suffix: str) -> None:
+    """Print the networks in ``--out`` (proxies or experts): JSON with ``--json``, else a line each."""
+    if args.json:
+        _print_json({"out_dir": str(args.out), kind: [{"index": r.index, "seed": r.seed, "path": str(r.path),
+                                                       "test_accuracy": r.test_accuracy} for r in records]})
+    else:
+        for record in records:
+            print(f"{record.path}: test accuracy {record.test_accuracy:.2f} %{suffix}")
+
+
 def command_proxies(args: argparse.Namespace) -> int:
     """Train a pool of proxy networks (the CMI regularizer's frozen feature extractors)."""
     from infodistill.pools import train_proxy_pool
 
-    for name in ("count", "epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    _check_positive(args, "count", "epochs", "batch_size")
     config = EvalConfig(model=args.arch, device=args.device)
     config.validate()
     real = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
     records = train_proxy_pool(real, args.out, arch=args.arch, count=args.count, epochs=args.epochs, seed=args.seed,
                                device=args.device, progress=not args.json, batch_size=args.batch_size)
-    if args.json:
-        _print_json({"out_dir": str(args.out), "proxies": [{"index": r.index, "seed": r.seed, "path": str(r.path),
-                                                            "test_accuracy": r.test_accuracy} for r in records]})
-    else:
-        for record in records:
-            print(f"{record.path}: test accuracy {record.test_accuracy:.2f} %")
+    _report_trained(args, "proxies", records, "")
     return 0
 
 
@@ -178,9 +187,7 @@ def command_experts(args: argparse.Namespace) -> int:
     expert-NNNN.safetensors in --out; experts already there count toward --count."""
     from infodistill.pools import train_experts
 
-    for name in ("count", "epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    _check_positive(args, "count", "epochs", "batch_size")
     if not args.lr > 0 or args.lr == float("inf"):
         raise UserInputError(f"--lr must be a positive finite number, got {args.lr}")
     if not 0 <= args.zca < float("inf"):
@@ -192,12 +199,7 @@ def command_experts(args: argparse.Namespace) -> int:
     records = train_experts(real, args.out, model=args.model, count=args.count, epochs=args.epochs, lr=args.lr,
                             batch_size=args.batch_size, augment=args.augment, zca=args.zca, seed=args.seed,
                             device=args.device, progress=not args.json, train_per_class=args.train_per_class)
-    if args.json:
-        _print_json({"out_dir": str(args.out), "experts": [{"index": r.index, "seed": r.seed, "path": str(r.path),
-                                                            "test_accuracy": r.test_accuracy} for r in records]})
-    else:
-        for record in records:
-            print(f"{record.path}: test accuracy {record.test_accuracy:.2f} % after {args.epochs} epochs")
+    _report_trained(args, "experts", records, f" after {args.epochs} epochs")
     return 0
 
 

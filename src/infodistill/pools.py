@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from infodistill import __version__
@@ -324,6 +325,17 @@ def expert_files(directory: str | Path) -> list[tuple[int, Path]]:
     return _numbered_files(directory, EXPERT_FILE_PATTERN)
 
 
+def _files_or_refuse(directory: Path, lister: Callable[[Path], list[tuple[int, Path]]], what: str, stem: str,
+                     how_to_build: str) -> list[tuple[int, Path]]:
+    """The numbered files of ``directory``; a one-line error saying how to build them when it is missing or empty."""
+    if not directory.is_dir():
+        raise UserInputError(f"{what} {directory} does not exist; {how_to_build}")
+    files = lister(directory)
+    if not files:
+        raise UserInputError(f"{what} {directory} holds no {stem}-NNNN.safetensors files; {how_to_build}")
+    return files
+
+
 def proxy_file_name(index: int) -> str:
     """``proxy-0007.safetensors`` for index 7."""
     return f"proxy-{index:04d}.safetensors"
@@ -559,12 +571,8 @@ class ProxyPool:
         """
         directory = Path(directory)
         target = resolve_device(device)
-        how_to_build = f"build one with 'infodistill proxies --dataset {info.name} --out {directory}'"
-        if not directory.is_dir():
-            raise UserInputError(f"proxy pool directory {directory} does not exist; {how_to_build}")
-        files = proxy_files(directory)
-        if not files:
-            raise UserInputError(f"proxy pool directory {directory} holds no proxy-NNNN.safetensors files; {how_to_build}")
+        files = _files_or_refuse(directory, proxy_files, "proxy pool directory", "proxy",
+                                 f"build one with 'infodistill proxies --dataset {info.name} --out {directory}'")
         expected_data = _data_values(info)
         arch: str | None = None
         template: nn.Module | None = None
@@ -719,7 +727,7 @@ def parameter_layout(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...
 
 def flat_parameters(model: nn.Module) -> Tensor:
     """The concatenation of ``p.flatten()`` for ``model.named_parameters()`` in order, detached, float32."""
-    return torch.cat([parameter.detach().reshape(-1).to(torch.float32) for _, parameter in model.named_parameters()])
+    return parameters_to_vector(model.parameters()).detach().to(torch.float32)
 
 
 def _expert_template(model: str, info: DatasetInfo) -> nn.Module:
@@ -869,12 +877,8 @@ class ExpertTrajectories:
         """
         directory = Path(directory)
         target = resolve_device(device)
-        how_to_build = f"build them with 'infodistill experts --dataset {info.name} --out {directory}'"
-        if not directory.is_dir():
-            raise UserInputError(f"expert directory {directory} does not exist; {how_to_build}")
-        files = expert_files(directory)
-        if not files:
-            raise UserInputError(f"expert directory {directory} holds no expert-NNNN.safetensors files; {how_to_build}")
+        files = _files_or_refuse(directory, expert_files, "expert directory", "expert",
+                                 f"build them with 'infodistill experts --dataset {info.name} --out {directory}'")
         expected: dict[str, Any] = dict(_data_values(info))
         checked = list(DATA_FIELDS)
         if model is not None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import parameters_to_vector
 
 from infodistill.errors import UserInputError
 from infodistill.models import has_batch_norm
@@ -51,7 +52,7 @@ class FunctionalStudent:
 
     def flatten(self, model: nn.Module) -> Tensor:
         """The flat vector of a module of the same architecture."""
-        return torch.cat([parameter.detach().reshape(-1) for parameter in model.parameters()])
+        return parameters_to_vector(model.parameters()).detach()
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of ``flat`` shaped as the model's parameters (gradients flow through them)."""
