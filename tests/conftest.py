@@ -36,3 +36,11 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_real_fashion_mnist = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist package is not installed"
 )
+
+
+@pytest.fixture
+def real(striped_root):
+    """The tiny dataset of ``striped_root``, loaded."""
+    from infodistill.data import load_dataset
+
+    return load_dataset("fashion-mnist")

@@ -8,7 +8,6 @@ import torch
 from safetensors import safe_open
 
 from infodistill.artefact import load_set
-from infodistill.data import load_dataset
 from infodistill.distill import (
     CALIBRATION_STREAM,
     DistillConfig,
@@ -27,11 +26,6 @@ from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
 
 TINY = dict(model="ConvNet-2-16", batch_real=16, ipc=3, checkpoint_every=2)
-
-
-@pytest.fixture
-def real(striped_root):
-    return load_dataset("fashion-mnist")
 
 
 @pytest.fixture

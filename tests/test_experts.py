@@ -20,11 +20,6 @@ MODEL = "ConvNet-1-4"
 SETTINGS = {"model": MODEL, "epochs": 2, "lr": 0.02, "batch_size": 64, "augment": "dsa", "seed": 3, "progress": False}
 
 
-@pytest.fixture
-def real(striped_root):
-    return load_dataset("fashion-mnist")
-
-
 def flat(model: torch.nn.Module) -> torch.Tensor:
     """Independent flattening: every parameter, in named_parameters() order."""
     return torch.cat([parameter.detach().flatten() for _, parameter in model.named_parameters()])

@@ -11,7 +11,7 @@ from torch import nn
 
 from infodistill.artefact import load_set
 from infodistill.augment import DSA
-from infodistill.data import ClassSampler, load_dataset
+from infodistill.data import ClassSampler
 from infodistill.distill import DistillConfig, distill
 from infodistill.errors import UserInputError
 from infodistill.methods import (
@@ -29,6 +29,7 @@ from infodistill.synthetic import (
     build_synthetic,
 )
 from infodistill.synthetic.multi import decode, encode
+from test_methods import capture_networks  # tests/ is on the path (as dataset_fixtures)
 
 
 @pytest.fixture(autouse=True)
@@ -191,11 +192,6 @@ def test_gradients_flow_from_decoded_images_to_the_stored_tiles(mode):
 # --- IDC's matching ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def real(striped_root):
-    return load_dataset("fashion-mnist")
-
-
 def idc_context(real, *, seed: int = 0, model: str = "ConvNet-2-8", augment: DSA | None = None,
                 ipc: int = 1) -> DistillContext:
     images, labels = real.train_tensors()
@@ -204,18 +200,6 @@ def idc_context(real, *, seed: int = 0, model: str = "ConvNet-2-8", augment: DSA
     return DistillContext(iteration=0, generator=torch.Generator().manual_seed(seed), synthetic=synthetic,
                           sampler=sampler, info=real.info, augment=augment, device=torch.device("cpu"),
                           model_name=model)
-
-
-def capture_networks(context: DistillContext) -> list[nn.Module]:
-    networks: list[nn.Module] = []
-    fresh = context.fresh_network
-
-    def recording() -> nn.Module:
-        networks.append(fresh())
-        return networks[-1]
-
-    context.fresh_network = recording  # type: ignore[method-assign]
-    return networks
 
 
 def small_idc(**changes) -> IDC:

@@ -7,7 +7,6 @@ import torch
 
 from infodistill.artefact import load_set
 from infodistill.cli import main as cli_main
-from infodistill.data import load_dataset
 from infodistill.distill import DistillConfig, distill
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EvalConfig, evaluate_set
@@ -17,11 +16,6 @@ from infodistill.pools import ExpertTrajectories, train_experts
 from infodistill.synthetic import build_synthetic
 
 MODEL = "ConvNet-1-8"
-
-
-@pytest.fixture
-def real(striped_root):
-    return load_dataset("fashion-mnist")
 
 
 @pytest.fixture
