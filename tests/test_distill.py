@@ -59,23 +59,29 @@ def _initial_images(config, real):
     return PixelSet.initialise(ClassSampler(images, labels, 10), config.ipc, "real", generator).images().detach()
 
 
+def run_killed_after_iteration(index: int, config, out_dir, real, monkeypatch) -> None:
+    """Run ``config`` into ``out_dir`` and interrupt it (KeyboardInterrupt) once iteration ``index`` is logged."""
+    original_write = MetricsLog.write
+
+    def killed(self, iteration, values):
+        original_write(self, iteration, values)
+        if iteration == index:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetricsLog, "write", killed)
+        with pytest.raises(KeyboardInterrupt):
+            distill(config, out_dir, progress=False, real=real)
+
+
 def test_a_killed_run_resumed_ends_bit_identical_to_an_uninterrupted_one(real, pool_dir, tmp_path, monkeypatch):
     config = DistillConfig(method="dm", iterations=6, cmi_weight=50.0, proxies=str(pool_dir), **TINY)
     whole = distill(config, tmp_path / "whole", progress=False, real=real)
 
-    original_write = MetricsLog.write
-
-    def killed_after_iteration_2(self, iteration, values):
-        original_write(self, iteration, values)
-        if iteration == 2:  # iteration 3 (index 2) done, its checkpoint (every 2) not yet due
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsLog, "write", killed_after_iteration_2)
-    with pytest.raises(KeyboardInterrupt):
-        distill(config, tmp_path / "killed", progress=False, real=real)
-    monkeypatch.setattr(MetricsLog, "write", original_write)
+    run_killed_after_iteration(2, config, tmp_path / "killed", real, monkeypatch)
     with safe_open(str(tmp_path / "killed" / "checkpoint.safetensors"), framework="pt") as handle:
         assert handle.metadata()["iteration"] == "2"
+    # Iteration 3 (index 2) done, its checkpoint (every 2) not yet due: the checkpoint is at 2.
     resumed = distill(config, tmp_path / "killed", resume=True, progress=False, real=real)
 
     a, b = load_set(whole.artefact), load_set(resumed.artefact)
@@ -229,3 +235,66 @@ def test_a_per_class_update_shows_the_regularizers_that_class_only():
     # d/dx sum x^2 = 2x: only class 1's images move, by lr * 2x
     torch.testing.assert_close(synthetic.pixels.detach()[2:4], before[2:4] * (1 - 0.2))
     torch.testing.assert_close(synthetic.pixels.detach()[[0, 1, 4, 5]], before[[0, 1, 4, 5]])
+
+
+def test_an_adam_run_with_cosine_schedule_resumes_bit_identically_and_follows_the_schedule(real, tmp_path,
+                                                                                          monkeypatch):
+    import math
+
+    from infodistill.distill import schedule_factor
+
+    assert [schedule_factor("cosine", t, 4) for t in (0, 2)] == [1.0, pytest.approx(0.5)]
+    assert schedule_factor("cosine", 3, 4) == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4)))
+    assert schedule_factor("constant", 3, 4) == 1.0
+    config = DistillConfig(method="dm", iterations=5, optimizer="adam", lr_schedule="cosine", lr_images=0.05, **TINY)
+    seen_rates = []
+    original_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen_rates.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    whole = distill(config, tmp_path / "whole", progress=False, real=real)
+    assert seen_rates == [pytest.approx(0.05 * schedule_factor("cosine", t, 5)) for t in range(5)]
+
+    run_killed_after_iteration(2, config, tmp_path / "killed", real, monkeypatch)
+    with safe_open(str(tmp_path / "killed" / "checkpoint.safetensors"), framework="pt") as handle:
+        assert {"optimizer.exp_avg.synthetic.0", "optimizer.exp_avg_sq.synthetic.0"} <= set(handle.keys())
+    resumed = distill(config, tmp_path / "killed", resume=True, progress=False, real=real)
+    assert torch.equal(load_set(whole.artefact).images, load_set(resumed.artefact).images)
+
+
+def test_mim_runs_through_the_loop_learns_its_heads_and_resumes_bit_identically(real, pool_dir, tmp_path,
+                                                                               monkeypatch):
+    config = DistillConfig(method="dm", iterations=4, mim_weight=0.5, mim_real_per_class=4, proxies=str(pool_dir),
+                           **TINY)
+    whole = distill(config, tmp_path / "whole", progress=False, real=real)
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss/mim" in line for line in lines)
+    distilled = load_set(whole.artefact)
+    assert distilled.metadata.regularizers == {"mim": 0.5} and distilled.metadata.extra["mim_layers"] == "1"
+
+    run_killed_after_iteration(2, config, tmp_path / "killed", real, monkeypatch)
+    with safe_open(str(tmp_path / "killed" / "checkpoint.safetensors"), framework="pt") as handle:
+        heads = handle.get_tensor("learned.mim.0")
+    from infodistill.regularizers import MIMRegularizer
+
+    assert heads.shape[1] == ProxyPool.load(pool_dir, real.info)[0].feature_dim
+    resumed = distill(config, tmp_path / "killed", resume=True, progress=False, real=real)
+    assert torch.equal(distilled.images, load_set(resumed.artefact).images)
+    assert MIMRegularizer.name == "mim"
+
+
+def test_mim_is_refused_for_a_method_that_does_not_read_real_data(real, tmp_path):
+    @register_method("teacher-only")
+    class TeacherOnly(DistributionMatching):
+        reads_real_data = False
+
+    try:
+        with pytest.raises(UserInputError, match="mim_weight 0.5 needs real data, but method 'teacher-only'"):
+            distill(DistillConfig(method="teacher-only", iterations=1, mim_weight=0.5, **TINY), tmp_path / "run",
+                    progress=False, real=real)
+    finally:
+        METHOD_REGISTRY.pop("teacher-only")
+    assert not (tmp_path / "run").exists()

@@ -156,3 +156,66 @@ def test_after_epoch_sees_every_epoch_of_every_run_with_the_weights_of_that_mome
     assert [(run, epoch) for run, epoch, _ in seen] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert torch.equal(seen[2][2], models[0].classifier.weight) and torch.equal(seen[5][2], models[1].classifier.weight)
     assert not torch.equal(seen[0][2], seen[1][2])
+
+
+def test_cosine_schedule_follows_half_a_cosine_per_epoch():
+    import math
+
+    assert lr_at_epoch(0.2, 0, 4, "cosine") == pytest.approx(0.2)
+    assert lr_at_epoch(0.2, 2, 4, "cosine") == pytest.approx(0.1)
+    assert lr_at_epoch(0.2, 3, 4, "cosine") == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+def test_the_temperature_loss_has_the_gradient_of_kl_to_soft_labels_at_that_temperature():
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 5, generator=generator, requires_grad=True)
+    soft = torch.softmax(torch.randn(6, 5, generator=generator) / 20.0, dim=1)
+    from infodistill.evaluate import _run_loss
+
+    (ours,) = torch.autograd.grad(_run_loss(logits, soft, temperature=20.0), logits)
+    kl = F.kl_div(F.log_softmax(logits / 20.0, dim=1), soft, reduction="batchmean")
+    (reference,) = torch.autograd.grad(kl, logits)
+    torch.testing.assert_close(ours, reference)
+
+
+def test_two_full_batch_epochs_of_the_kd_recipe_follow_adamw_and_the_cosine_schedule_by_hand():
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(6, 1, 28, 28, generator=generator)
+    soft = torch.softmax(torch.randn(6, 3, generator=generator), dim=1)
+    config = EvalConfig(model="ConvNet-1-8-none", epochs=2, lr=0.01, weight_decay=0.1, batch_size=6, augment="none", runs=1,
+                        optimizer="adamw", lr_schedule="cosine", temperature=4.0)
+    seed = run_seeds(0, 1)[0]  # no norm layer: instance norm would make the conv bias's gradient round-off noise
+    (trained,), _ = train_from_scratch(images, soft, 3, config, [seed], progress=False)
+
+    reference = build_model("ConvNet-1-8-none", channels=1, num_classes=3, image_size=(28, 28), seed=seed)
+    weights = [p.detach().clone() for p in reference.parameters()]
+    first = [torch.zeros_like(w) for w in weights]
+    second = [torch.zeros_like(w) for w in weights]
+    for step, step_lr in enumerate((0.01, 0.005), start=1):  # cosine over 2 epochs: lr, then lr * 0.5
+        with torch.no_grad():
+            for parameter, value in zip(reference.parameters(), weights):
+                parameter.copy_(value)
+        kl = F.kl_div(F.log_softmax(reference(images) / 4.0, dim=1), soft, reduction="batchmean")
+        grads = torch.autograd.grad(kl, list(reference.parameters()))
+        first = [0.9 * m + 0.1 * g for m, g in zip(first, grads)]
+        second = [0.999 * v + 0.001 * g * g for v, g in zip(second, grads)]
+        weights = [w * (1 - step_lr * 0.1) - step_lr * (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
+                   for w, m, v in zip(weights, first, second)]
+    for parameter, expected in zip(trained.parameters(), weights):
+        torch.testing.assert_close(parameter.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_relabelled_sets_are_scored_with_the_kd_recipe_unless_the_protocol_is_asked_for(striped_root):
+    real = load_dataset("fashion-mnist")
+    subset = random_subset(real, ipc=2, seed=0)
+    subset.soft_labels = F.one_hot(subset.labels, 10).float() * 0.9 + 0.01
+    subset.metadata.extra["relabel_temperature"] = "20.0"
+    result = evaluate_set(subset, real, EvalConfig(model="ConvNet-1-8", epochs=1, runs=1), progress=False)
+    assert (result.recipe, result.lr, result.temperature, result.labels) == ("kd", 0.001, 20.0, "soft")
+    assert "KD recipe (AdamW lr 0.001, cosine, temperature 20)" in result.summary()
+    protocol = evaluate_set(subset, real, EvalConfig(model="ConvNet-1-8", epochs=1, runs=1, recipe="protocol"),
+                            progress=False)
+    assert (protocol.recipe, protocol.lr, protocol.temperature) == ("protocol", 0.01, 1.0)
+    hard = evaluate_set(subset, real, EvalConfig(model="ConvNet-1-8", epochs=1, runs=1, use_soft_labels=False),
+                        progress=False)
+    assert (hard.recipe, hard.labels) == ("protocol", "hard")

@@ -1,7 +1,9 @@
 """The distilled-set artefact: one ``.safetensors`` file plus a PNG grid beside it.
 
 Tensors: ``images`` (float32, N x C x H x W, normalised input space), ``labels`` (int64, N), and
-optionally ``soft_labels`` (float32, N x classes) and ``lr`` (a learned step size, one element).
+optionally ``soft_labels`` (float32, N x classes), ``lr`` (a learned step size, one element) and
+``stored.<name>``: the parameterisation's stored tensors the images were decoded from (low-rank factors,
+multi-formation images; none for plain pixels).
 String metadata records where the set came from (dataset, normalisation, class names, method, ipc,
 parameterisation, regularizers, seed, iterations, package version). Loading never unpickles.
 Writing goes to a temporary file that is renamed into place, so an existing artefact is never left
@@ -23,6 +25,9 @@ from torchvision.utils import make_grid, save_image
 from infodistill import __version__
 from infodistill.errors import UserInputError
 from infodistill.files import atomic_path
+
+
+STORED_PREFIX = "stored."
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class DistilledSet:
     metadata: SetMetadata
     soft_labels: torch.Tensor | None = None
     lr: torch.Tensor | None = None
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -132,6 +138,7 @@ class DistilledSet:
             tensors["soft_labels"] = self.soft_labels.detach().cpu().float().contiguous()
         if self.lr is not None:
             tensors["lr"] = self.lr.detach().cpu().float().reshape(1).contiguous()
+        tensors.update({STORED_PREFIX + name: value.detach().cpu().contiguous() for name, value in self.stored.items()})
         return tensors
 
 
@@ -197,6 +204,7 @@ def load_set(path: str | Path) -> DistilledSet:
         metadata=metadata,
         soft_labels=tensors.get("soft_labels"),
         lr=tensors.get("lr"),
+        stored={name[len(STORED_PREFIX):]: value for name, value in tensors.items() if name.startswith(STORED_PREFIX)},
     )
     distilled.validate(f"artefact '{path}'")
     return distilled

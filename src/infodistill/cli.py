@@ -23,6 +23,7 @@ from infodistill.errors import UserInputError
 from infodistill.evaluate import (
     AUGMENTATIONS,
     BATCHED_CHOICES,
+    RECIPES,
     EvalConfig,
     check_set_fits,
     evaluate_set,
@@ -87,6 +88,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
         "batched": args.batched, "device": args.device,
         "use_soft_labels": False if args.hard_labels else None,
         "use_learned_lr": False if args.ignore_learned_lr else None,
+        "recipe": args.recipe,
     }
     config = build_config(EvalConfig, args.config, overrides)
     config.validate()
@@ -108,7 +110,9 @@ def _distill_overrides(args: argparse.Namespace) -> dict:
              "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root", "checkpoint_every", "eval_every",
              "eval_model", "eval_epochs", "eval_runs", "factor", "upsample", "net_steps", "batch_net", "match_metric",
              "experts", "zca", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
-             "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "ema_decay")
+             "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "ema_decay", "rank", "optimizer",
+             "lr_schedule", "teacher", "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight", "jitter",
+             "dwa_rho", "dwa_steps", "mim_weight", "mim_temperature", "mim_layers", "mim_real_per_class", "mim_lr")
     values = {name: getattr(args, name) for name in names}
     values["augment"] = args.augment
     return values
@@ -254,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train the runs together as one vectorised model (default: auto = on GPU only)")
     evaluate.add_argument("--hard-labels", action="store_true", help="ignore the set's soft labels")
     evaluate.add_argument("--ignore-learned-lr", action="store_true", help="ignore the set's learned learning rate")
+    evaluate.add_argument("--recipe", choices=RECIPES,
+                          help="training recipe: the protocol's SGD, or SRe2L's knowledge-distillation recipe on the "
+                               "soft labels (default: auto = kd for sets relabelled by a teacher)")
     evaluate.add_argument("--seed", type=int, help=f"base seed of the runs (default: {defaults.seed})")
     evaluate.add_argument("--device", metavar="cpu|cuda", help=f"device (default: {defaults.device})")
     evaluate.add_argument("--config", metavar="FILE.yaml", help="YAML file with evaluation settings (flags win)")
@@ -267,11 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--dataset", metavar="NAME", help="dataset name (default: fashion-mnist)")
     distill.add_argument("--data-root", metavar="DIR", help="data root (default: $INFODISTILL_DATA or ~/.cache/infodistill/data)")
     distill.add_argument("--method", metavar="NAME",
-                         help="distillation method: dm, dc, dsa, mtt, datm, idc (default: dm)")
+                         help="distillation method: dm, dc, dsa, mtt, datm, idc, sre2l, dwa (default: dm)")
     distill.add_argument("--ipc", type=int, metavar="N", help="synthetic images per class (default: 10)")
     distill.add_argument("--iterations", type=int, metavar="N", help="iterations (default: the method's, DM 20000, DC/DSA 1000)")
     distill.add_argument("--param", metavar="NAME",
-                         help="parameterisation: pixels, multi (default: the method's; idc: multi)")
+                         help="parameterisation: pixels, lowrank, multi (default: the method's; idc: multi)")
+    distill.add_argument("--rank", type=int, metavar="R",
+                         help="lowrank: rank of each image channel A @ B; the images per class grow by "
+                              "floor(H*W / (R*(H+W))) at the same storage (default: 2)")
     distill.add_argument("--factor", type=int, metavar="F",
                          help="multi-formation: each stored image holds FxF images (default: 2)")
     distill.add_argument("--upsample", metavar="bilinear|nearest", help="multi-formation decoding (default: bilinear)")
@@ -279,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--model", metavar="NAME", help="matching network architecture (default: ConvNet-3)")
     distill.add_argument("--lr-images", type=float, help="image learning rate (default: the method's)")
     distill.add_argument("--momentum-images", type=float, help="image SGD momentum (default: 0.5)")
+    distill.add_argument("--optimizer", metavar="sgd|adam", help="image optimiser (default: the method's; sre2l: adam)")
+    distill.add_argument("--lr-schedule", metavar="constant|cosine",
+                         help="image learning-rate schedule (default: the method's; sre2l: cosine)")
     distill.add_argument("--batch-real", type=int, metavar="N", help="real images per class per step (default: 256)")
     distill.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                          help="siamese DSA augmentation (default: on for dm and dsa, off for dc)")
@@ -308,6 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
                             help="keep the unrolled graph (full) or recompute each step in the backward pass")
     trajectory.add_argument("--ema-decay", type=float, metavar="D",
                             help="store an exponential moving average of the images (default: DATM 0.999, else off)")
+    recover = distill.add_argument_group("SRe2L / DWA")
+    recover.add_argument("--teacher", metavar="DIR",
+                         help="teacher with batch norm: a proxy directory, e.g. `infodistill proxies --arch ConvNet-3-bn`")
+    recover.add_argument("--relabel-temperature", type=float, metavar="T", help="temperature of the soft labels")
+    recover.add_argument("--bn-weight", type=float, metavar="W", help="weight of the BN-statistics term")
+    recover.add_argument("--first-bn-weight", type=float, metavar="W", help="multiplier of the first BN layer's term")
+    recover.add_argument("--variance-weight", type=float, metavar="W", help="weight of the variance part of the BN term")
+    recover.add_argument("--jitter", type=int, metavar="PIXELS", help="random shift of the images per iteration")
+    recover.add_argument("--dwa-rho", type=float, metavar="RHO", help="DWA: size of the weight perturbation")
+    recover.add_argument("--dwa-steps", type=int, metavar="K", help="DWA: ascent steps of the perturbation")
+    mim = distill.add_argument_group("MIM4DD")
+    mim.add_argument("--mim-weight", type=float, metavar="W",
+                     help="weight of the MIM4DD contrastive regularizer (default: 0, off); features from a proxy "
+                          "when --proxies is given, else a fresh --model network per step")
+    mim.add_argument("--mim-temperature", type=float, metavar="T", help="InfoNCE temperature (default: 0.1)")
+    mim.add_argument("--mim-layers", type=int, metavar="N", help="feature layers, deepest first (default: 1)")
+    mim.add_argument("--mim-real-per-class", type=int, metavar="N", help="real images per class per step (default: 16)")
+    mim.add_argument("--mim-lr", type=float, help="SGD learning rate of the projection heads (default: 0.01)")
     distill.add_argument("--cmi-weight", metavar="FLOAT|auto",
                          help="weight lambda of the CMI regularizer, or 'auto' (default: off)")
     distill.add_argument("--cmi-auto-fraction", type=float, metavar="F",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,9 @@ RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "eval_every", "eval_epoch
 
 METHOD_OPTIONS = ("outer_loop", "inner_loop", "net_steps", "batch_net", "match_metric", "experts", "syn_steps",
                   "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
-                  "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory")
+                  "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "teacher",
+                  "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight", "jitter", "dwa_rho",
+                  "dwa_steps")
 """Settings that only some methods take; giving one to another method is an error."""
 
 
@@ -90,7 +93,8 @@ class DistillConfig:
     param: str | None = None
     factor: int = 2
     upsample: str = "bilinear"
-    init: str = "real"
+    rank: int = 2
+    init: str | None = None
     model: str = "ConvNet-3"
     lr_images: float | None = None
     momentum_images: float | None = None
@@ -115,6 +119,21 @@ class DistillConfig:
     lr_labels: float | None = None
     memory: str | None = None
     ema_decay: float | None = None
+    optimizer: str | None = None
+    lr_schedule: str | None = None
+    teacher: str | None = None
+    relabel_temperature: float | None = None
+    bn_weight: float | None = None
+    first_bn_weight: float | None = None
+    variance_weight: float | None = None
+    jitter: int | None = None
+    dwa_rho: float | None = None
+    dwa_steps: int | None = None
+    mim_weight: float = 0.0
+    mim_temperature: float = 0.1
+    mim_layers: int = 1
+    mim_real_per_class: int = 16
+    mim_lr: float = 0.01
     cmi_weight: float | str | None = None
     cmi_auto_fraction: float = 0.1
     proxies: str | None = None
@@ -138,16 +157,17 @@ class DistillConfig:
             raise UserInputError(f"seed must be >= 0, got {self.seed}")
         if self.param is not None and self.param not in PARAMETERISATION_REGISTRY:
             raise UserInputError(f"param '{self.param}' is not one of: {', '.join(sorted(PARAMETERISATION_REGISTRY))}")
-        if self.init not in INITS:
+        if self.init is not None and self.init not in INITS:
             raise UserInputError(f"init '{self.init}' is not one of: {', '.join(INITS)}")
         parse_model_name(self.model)
         parse_model_name(self.eval_model)
         for name in ("iterations", "batch_real", "outer_loop", "inner_loop", "factor", "net_steps", "batch_net",
-                     "syn_steps", "expert_epochs", "batch_syn", "window_growth_iterations"):
+                     "syn_steps", "expert_epochs", "batch_syn", "window_growth_iterations", "rank", "dwa_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {value}")
-        for name in ("checkpoint_every", "cmi_every", "cmi_proxies_per_step", "eval_epochs", "eval_runs"):
+        for name in ("checkpoint_every", "cmi_every", "cmi_proxies_per_step", "eval_epochs", "eval_runs", "mim_layers",
+                     "mim_real_per_class"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.eval_every < 0:
@@ -160,7 +180,8 @@ class DistillConfig:
             raise UserInputError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
         if self.zca < 0:
             raise UserInputError(f"zca must be >= 0 (0 turns whitening off), got {self.zca}")
-        for name in ("lr_images", "lr_net", "cmi_auto_fraction", "lr_lr", "lr_labels"):
+        for name in ("lr_images", "lr_net", "cmi_auto_fraction", "lr_lr", "lr_labels", "mim_temperature", "mim_lr",
+                     "relabel_temperature"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserInputError(f"{name} must be positive, got {value}")
@@ -171,6 +192,19 @@ class DistillConfig:
             raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{weight}'")
         if isinstance(weight, float) and not (weight >= 0 and np.isfinite(weight)):
             raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got {weight}")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise UserInputError(f"optimizer '{self.optimizer}' is not one of: {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise UserInputError(f"lr_schedule '{self.lr_schedule}' is not one of: {', '.join(LR_SCHEDULES)}")
+        for name in ("bn_weight", "first_bn_weight", "variance_weight", "jitter", "dwa_rho"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and np.isfinite(value)):
+                raise UserInputError(f"{name} must be a finite number >= 0, got {value}")
+        if not (self.mim_weight >= 0 and np.isfinite(self.mim_weight)):
+            raise UserInputError(f"mim_weight must be a finite number >= 0 (0 turns MIM off), got {self.mim_weight}")
+        if self.mim_weight > 0 and not method_class(self.method).reads_real_data:
+            raise UserInputError(f"mim_weight {self.mim_weight:g} needs real data, but method '{self.method}' distils "
+                                 "from its teacher alone; drop --mim-weight or choose a method that reads real data")
         if self.uses_cmi and self.proxies is None:
             raise UserInputError("a CMI weight needs a proxy pool: pass --proxies DIR (build one with `infodistill proxies`)")
         self._check_method_options()
@@ -194,7 +228,8 @@ class DistillConfig:
         """The same config with every unset field filled from the method's published settings."""
         defaults: MethodDefaults = method_class(self.method).defaults(self.ipc)
         filled = {name: getattr(defaults, name) for name in ("iterations", "lr_images", "momentum_images",
-                                                             "batch_real", "augment", "param", "ema_decay")
+                                                             "batch_real", "augment", "param", "ema_decay", "init",
+                                                             "optimizer", "lr_schedule")
                   if getattr(self, name) is None}
         if self.cmi_weight is None and self.proxies is not None and defaults.cmi_weight is not None:
             filled["cmi_weight"] = defaults.cmi_weight
@@ -211,9 +246,21 @@ def distill_config_from(values: dict[str, Any], source: str = "config") -> Disti
     return config_from_mapping(DistillConfig, values, source)
 
 
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def schedule_factor(schedule: str, iteration: int, iterations: int) -> float:
+    """Multiplier of the base learning rates at ``iteration``: 1, or the cosine decay
+    ``0.5 * (1 + cos(pi * iteration / iterations))`` (SRe2L's schedule)."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * iteration / iterations))
+    return 1.0
+
+
 # Independent random streams of a run: one per iteration, one for the initial set, one for calibration,
-# one for the method's preparation.
-ITERATION_STREAM, INIT_STREAM, CALIBRATION_STREAM, SETUP_STREAM = 0, 1, 2, 3
+# one for the method's preparation, one for the MIM projection heads.
+ITERATION_STREAM, INIT_STREAM, CALIBRATION_STREAM, SETUP_STREAM, MIM_STREAM = 0, 1, 2, 3, 4
 
 
 def stream_seed(seed: int, stream: int, index: int = 0) -> int:
@@ -352,6 +399,8 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
         optimizer.zero_grad(set_to_none=True)
         total.backward(inputs=learned)  # only the set and the method's tensors learn; networks stay untouched
         optimizer.step()
+        with torch.no_grad():
+            method.project(synthetic)
         if average is not None:
             average.update(synthetic)
         values["loss/total"] = total
@@ -374,12 +423,16 @@ def _checkpoint_tensors(synthetic: SyntheticSet, optimizer: torch.optim.Optimize
     for name, parameter in _learned_groups(optimizer):
         if not name.startswith("synthetic."):
             tensors[f"learned.{name}"] = parameter.detach().cpu().contiguous()
-        buffer = optimizer.state.get(parameter, {}).get("momentum_buffer")
-        if buffer is not None:
-            tensors[f"momentum.{name}"] = buffer.detach().cpu().contiguous()
+        for key, value in optimizer.state.get(parameter, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"{_STATE_PREFIXES.get(key, 'optimizer.' + key)}.{name}"] = value.detach().cpu().contiguous()
     if average is not None:
         tensors.update({f"average.{name}": value.cpu().contiguous() for name, value in average.shadow.items()})
     return tensors
+
+
+_STATE_PREFIXES = {"momentum_buffer": "momentum"}
+"""Checkpoint prefix of an optimiser state entry (SGD's momentum; Adam's moments go under ``optimizer.<key>``)."""
 
 
 def save_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
@@ -422,8 +475,10 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
             for name, parameter in _learned_groups(optimizer):
                 if not name.startswith("synthetic."):
                     parameter.copy_(tensors[f"learned.{name}"])
-                if f"momentum.{name}" in tensors:
-                    optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum.{name}"].to(parameter.device)
+                for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "step"):
+                    stored = tensors.get(f"{_STATE_PREFIXES.get(key, 'optimizer.' + key)}.{name}")
+                    if stored is not None:
+                        optimizer.state[parameter][key] = stored.to(parameter.device if key != "step" else "cpu")
             if average is not None:
                 for name, shadow in average.shadow.items():
                     shadow.copy_(tensors[f"average.{name}"])
@@ -463,19 +518,26 @@ class MetricsLog:
         self.writer.close()
 
 
-def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, float], iterations: int) -> SetMetadata:
-    extra = {"model": config.model, "augment": str(config.augment), "init": config.init}
+def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, float], iterations: int,
+                  synthetic: SyntheticSet, method: Method) -> SetMetadata:
+    extra = {"model": config.model, "augment": str(config.augment), "init": str(config.init),
+             "storage_floats": str(synthetic.storage_floats()), "budget_floats": str(synthetic.budget_floats()),
+             **method.artefact_metadata()}
     if config.param == "multi":
         extra.update({"factor": str(config.factor), "upsample": config.upsample})
+    if config.param == "lowrank":
+        extra["rank"] = str(config.rank)
     if config.zca > 0:
         extra["zca"] = repr(config.zca)
     if config.experts is not None:
         extra["experts"] = str(config.experts)
     if config.ema_decay:
         extra["ema_decay"] = repr(config.ema_decay)
-    if weights:
+    if "cmi" in weights:
         extra.update({"proxies": str(config.proxies), "cmi_every": str(config.cmi_every),
                       "cmi_proxies_per_step": str(config.cmi_proxies_per_step)})
+    if "mim" in weights:
+        extra.update({"mim_temperature": repr(config.mim_temperature), "mim_layers": str(config.mim_layers)})
     return SetMetadata(dataset=real.info.name, mean=tuple(real.info.mean), std=tuple(real.info.std),
                        classes=tuple(real.info.class_names), method=config.method, ipc=config.ipc, seed=config.seed,
                        parameterisation=str(config.param), regularizers=weights, iterations=iterations, extra=extra)
@@ -486,10 +548,12 @@ def _distilled_set(synthetic: SyntheticSet, method: Method, average: ImageAverag
     """The current state as an artefact: decoded (averaged) images, labels, the method's tensors."""
     with torch.no_grad():
         images = average.images(synthetic) if average is not None else synthetic.images()
+        stored = average.shadow if average is not None else synthetic.stored_tensors()
+        stored = {name: stored[name].detach().cpu().float().clone() for name in synthetic.stored_tensors()}
     extras = {name: value.detach().cpu().float().clone() for name, value in method.artefact_tensors().items()}
     return DistilledSet(images=images.detach().cpu().float().contiguous(), labels=synthetic.labels.cpu().clone(),
-                        soft_labels=extras.get("soft_labels"), lr=extras.get("lr"),
-                        metadata=_set_metadata(config, real, weights, iterations))
+                        soft_labels=extras.get("soft_labels"), lr=extras.get("lr"), stored=stored,
+                        metadata=_set_metadata(config, real, weights, iterations, synthetic, method))
 
 
 @dataclass
@@ -510,13 +574,19 @@ def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler
     ``config`` with its method defaults filled (the loop and the benchmarks share this)."""
     init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
     synthetic = build_synthetic(config.param, sampler, config.ipc, config.init, init_generator,
-                                factor=config.factor, upsample=config.upsample).to(device)
+                                factor=config.factor, upsample=config.upsample, rank=config.rank).to(device)
     method = build_method(config)
     setup_generator = torch.Generator().manual_seed(stream_seed(config.seed, SETUP_STREAM))
     method.prepare(MethodSetup(synthetic=synthetic, sampler=sampler, info=real.info, device=device,
                                model_name=config.model, generator=setup_generator, fresh=fresh, init=config.init))
     groups = [{"params": list(synthetic.parameters()), "name": "synthetic"}, *method.parameter_groups()]
-    optimizer = torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum_images)
+    if config.optimizer == "adam":
+        betas = method_class(config.method).defaults(config.ipc).betas
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(groups, lr=config.lr_images, betas=betas)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum_images)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
     average = ImageAverage(synthetic, config.ema_decay) if config.ema_decay else None
     return RunParts(synthetic, method, optimizer, average, DSA() if config.augment else None)
 
@@ -554,14 +624,19 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
 
     terms: list[RegularizerTerm] = []
     pool_regularizer = None
-    if config.uses_cmi:
+    pool = None
+    if config.proxies is not None and (config.uses_cmi or config.mim_weight > 0):
         from infodistill.pools import ProxyPool
 
         pool = ProxyPool.load(config.proxies, real.info, device=device)
+    if config.uses_cmi:
         pool_regularizer = CMIRegularizer(pool, proxies_per_step=config.cmi_proxies_per_step)
         if config.ipc == 1 and config.param == "pixels":
             log.warning("CMI is identically 0 at ipc 1 with pixel images: each class has one image, so its "
                         "centroid equals that image's output; the term will do nothing")
+
+    if config.mim_weight > 0:
+        terms.append(_mim_term(config, sampler, real, device, optimizer, pool))
 
     start, weights = 0, {}
     files.root.mkdir(parents=True, exist_ok=True)
@@ -576,6 +651,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
             weights = {"cmi": float(config.cmi_weight)}
     if pool_regularizer is not None:
         terms.append(RegularizerTerm("cmi", pool_regularizer, weights["cmi"], config.cmi_every))
+    weights.update({term.name: term.weight for term in terms if term.name != "cmi"})
     with atomic_path(files.config) as temporary:
         temporary.write_text(yaml.safe_dump({**dataclasses.asdict(config), "resolved_weights": weights}, sort_keys=False))
 
@@ -586,6 +662,9 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     try:
         for iteration in bar:
             context = make_context(config, iteration, synthetic, sampler, real, augment, device)
+            factor = schedule_factor(config.lr_schedule, iteration, config.iterations)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
             try:
                 logged = run_iteration(method, terms, context, optimizer, average)
             except LossDiverged as diverged:
@@ -608,6 +687,35 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     save_set(_distilled_set(synthetic, method, average, config, real, weights, config.iterations), files.artefact)
     return DistillResult(out_dir=files.root, artefact=files.artefact, config=config, regularizer_weights=weights,
                          iterations=config.iterations, seconds=time.perf_counter() - started)
+
+
+def _mim_term(config: DistillConfig, sampler: ClassSampler, real: RealData, device: torch.device,
+              optimizer: torch.optim.Optimizer, pool: Any) -> RegularizerTerm:
+    """The MIM4DD term, its projection heads added to the optimiser. Features come from a proxy of the pool
+    when the run has one (trained, fixed features), else from a fresh network of the run's architecture."""
+    from infodistill.models import build_model
+    from infodistill.regularizers.mim import MIMRegularizer
+
+    if pool is not None:
+
+        def network_factory(generator: torch.Generator) -> torch.nn.Module:
+            return pool.sample(generator)
+    else:
+        info = real.info
+
+        def network_factory(generator: torch.Generator) -> torch.nn.Module:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            return build_model(config.model, channels=info.channels, num_classes=info.num_classes,
+                               image_size=info.image_size, seed=seed).to(device)
+
+    init_generator = torch.Generator().manual_seed(stream_seed(config.seed, MIM_STREAM))
+    mim = MIMRegularizer(sampler, network_factory, real_per_class=config.mim_real_per_class,
+                         temperature=config.mim_temperature, layers=config.mim_layers, init_generator=init_generator)
+    for parameter in mim.parameters():
+        parameter.data = parameter.data.to(device)
+    optimizer.add_param_group({"params": list(mim.parameters()), "name": "mim", "lr": config.mim_lr,
+                               "base_lr": config.mim_lr})
+    return RegularizerTerm("mim", mim, config.mim_weight)
 
 
 def _evaluate_now(snapshot: DistilledSet, real: RealData, config: DistillConfig) -> float:

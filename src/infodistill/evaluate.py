@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,8 +34,14 @@ from infodistill.errors import UserInputError
 from infodistill.models import build_model, parse_model_name
 
 AUGMENTATIONS = ("dsa", "none")
-LR_SCHEDULES = ("half", "constant")
+LR_SCHEDULES = ("half", "constant", "cosine")
 BATCHED_CHOICES = ("auto", "on", "off")
+OPTIMIZERS = ("sgd", "adamw")
+RECIPES = ("auto", "protocol", "kd")
+KD_RECIPE = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.01, "lr_schedule": "cosine"}
+"""SRe2L's relabel recipe (its ImageNet-1K student training): AdamW lr 0.001, weight decay 0.01, cosine decay,
+loss KL(teacher soft labels at temperature T || softmax(student logits / T)). ``recipe="auto"`` uses it for
+sets that carry a ``relabel_temperature`` (SRe2L, DWA)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class EvalConfig:
     use_learned_lr: bool = True
     device: str = "cpu"
     test_batch_size: int = 1024
+    optimizer: str = "sgd"
+    temperature: float = 1.0
+    recipe: str = "auto"
 
     def validate(self) -> None:
         """Refuse values outside their range, naming the value and what is allowed."""
@@ -75,6 +84,12 @@ class EvalConfig:
             raise UserInputError(f"augment '{self.augment}' is not one of: {', '.join(AUGMENTATIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserInputError(f"lr_schedule '{self.lr_schedule}' is not one of: {', '.join(LR_SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserInputError(f"optimizer '{self.optimizer}' is not one of: {', '.join(OPTIMIZERS)}")
+        if self.recipe not in RECIPES:
+            raise UserInputError(f"recipe '{self.recipe}' is not one of: {', '.join(RECIPES)}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise UserInputError(f"temperature must be a positive number, got {self.temperature}")
         if self.batched not in BATCHED_CHOICES:
             raise UserInputError(f"batched '{self.batched}' is not one of: {', '.join(BATCHED_CHOICES)}")
         parse_model_name(self.model)
@@ -98,6 +113,8 @@ class EvalResult:
     seconds: float
     seeds: list[int] = field(default_factory=list)
     learned_lr: bool = False
+    recipe: str = "protocol"
+    temperature: float = 1.0
 
     @property
     def mean(self) -> float:
@@ -114,6 +131,8 @@ class EvalResult:
     def summary(self) -> str:
         labels = "the set's soft labels" if self.labels == "soft" else "hard labels"
         lr = f"the set's learned lr {self.lr:g}" if self.learned_lr else f"lr {self.lr:g}"
+        if self.recipe == "kd":
+            lr = f"KD recipe (AdamW lr {self.lr:g}, cosine, temperature {self.temperature:g})"
         return (
             f"{self.model} on {self.dataset} ({self.test_size} test images), {len(self.accuracies)} runs x "
             f"{self.epochs} epochs, {self.train_size} training images, {labels}, "
@@ -155,7 +174,9 @@ def check_set_fits(distilled: DistilledSet, info: DatasetInfo) -> None:
 
 def lr_at_epoch(base_lr: float, epoch: int, epochs: int, schedule: str = "half") -> float:
     """The protocol's step schedule ("half"): the base rate, then x0.1 for the second half of the
-    epochs; or the base rate throughout ("constant")."""
+    epochs; the base rate throughout ("constant"); or a cosine decay per epoch ("cosine", the KD recipe)."""
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     decayed = schedule == "half" and epoch >= math.ceil(epochs / 2)
     return base_lr * (0.1 if decayed else 1.0)
 
@@ -169,9 +190,18 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _run_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against class indices (hard labels) or probability rows (soft labels)."""
-    return F.cross_entropy(logits, targets)
+def _run_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+              reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against class indices (hard labels) or probability rows (soft labels), of the logits
+    divided by ``temperature``. Against soft labels at temperature T this is KL(soft || softmax(logits / T))
+    plus the labels' entropy, a constant: the KD loss's gradient."""
+    return F.cross_entropy(logits / temperature if temperature != 1.0 else logits, targets, reduction=reduction)
+
+
+def _make_optimizer(parameters, lr: float, config: EvalConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -195,13 +225,12 @@ class _TrainingJob:
 def _train_sequential(models: Sequence[nn.Module], job: _TrainingJob) -> None:
     images, targets, config, lr = job.images, job.targets, job.config, job.lr
     for run, (model, generator) in enumerate(zip(models, job.generators)):
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+        optimizer = _make_optimizer(model.parameters(), lr, config)
         model.train()
         for epoch in range(config.epochs):
             _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs, config.lr_schedule))
             for index in _minibatches(len(images), config.batch_size, generator):
-                loss = _run_loss(model(job.augmented(index, generator)), targets[index])
+                loss = _run_loss(model(job.augmented(index, generator)), targets[index], config.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -223,8 +252,7 @@ def _train_together(models: Sequence[nn.Module], job: _TrainingJob) -> None:
 
     forward_all = vmap(forward)
     # Elementwise SGD on stacked tensors equals one independent SGD per run.
-    optimizer = torch.optim.SGD(params.values(), lr=lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = _make_optimizer(params.values(), lr, config)
     runs = len(models)
     for epoch in range(config.epochs):
         _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs, config.lr_schedule))
@@ -233,7 +261,7 @@ def _train_together(models: Sequence[nn.Module], job: _TrainingJob) -> None:
             batches = [job.augmented(index, generator) for index, generator in zip(step_indices, generators)]
             logits = forward_all(params, buffers, torch.stack(batches))
             step_targets = torch.stack([targets[index] for index in step_indices])
-            per_sample = F.cross_entropy(logits.flatten(0, 1), step_targets.flatten(0, 1), reduction="none")
+            per_sample = _run_loss(logits.flatten(0, 1), step_targets.flatten(0, 1), config.temperature, "none")
             loss = per_sample.view(runs, -1).mean(dim=1).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -317,6 +345,10 @@ def evaluate_set(
     started = time.perf_counter()
     soft = config.use_soft_labels and distilled.soft_labels is not None
     targets = distilled.soft_labels if soft else distilled.labels
+    relabelled = "relabel_temperature" in distilled.metadata.extra
+    if config.recipe == "kd" or (config.recipe == "auto" and soft and relabelled):
+        temperature = float(distilled.metadata.extra.get("relabel_temperature", config.temperature))
+        config = replace(config, **KD_RECIPE, temperature=temperature, use_learned_lr=False, recipe="kd")
     learned_lr = config.use_learned_lr and distilled.lr is not None
     lr = float(distilled.lr.item()) if learned_lr else config.lr
     seeds = run_seeds(config.seed, config.runs)
@@ -338,6 +370,8 @@ def evaluate_set(
         seconds=time.perf_counter() - started,
         seeds=seeds,
         learned_lr=learned_lr,
+        recipe="kd" if config.recipe == "kd" else "protocol",
+        temperature=config.temperature,
     )
 
 

@@ -92,6 +92,10 @@ class MethodDefaults:
     param: str = "pixels"
     ema_decay: float = 0.0
     cmi_weight: float | str | None = None
+    init: str = "real"
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"
 
 
 @dataclass
@@ -130,6 +134,9 @@ class Method(ABC):
     """A distillation method: per iteration, a sequence of matching losses over the synthetic set."""
 
     name: ClassVar[str]
+    reads_real_data: ClassVar[bool] = True
+    """False for methods that distil from a trained teacher alone (SRe2L): regularizers that compare
+    with real data (MIM) do not apply to them."""
 
     @staticmethod
     @abstractmethod
@@ -153,6 +160,13 @@ class Method(ABC):
     def artefact_tensors(self) -> dict[str, torch.Tensor]:
         """What the method adds to the artefact: ``soft_labels`` (N x C probabilities) and/or ``lr``."""
         return {}
+
+    def artefact_metadata(self) -> dict[str, str]:
+        """String metadata the method adds to the artefact (e.g. SRe2L's relabelling temperature)."""
+        return {}
+
+    def project(self, synthetic: SyntheticSet) -> None:
+        """Called without gradient after every optimiser step, e.g. to clip images to the pixel range."""
 
 
 METHOD_REGISTRY: dict[str, Callable[..., Method]] = {}

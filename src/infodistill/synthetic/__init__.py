@@ -8,6 +8,7 @@ from infodistill.synthetic.base import (
 )
 from infodistill.synthetic.pixels import INITS, PixelSet  # noqa: E402  isort: skip
 from infodistill.synthetic.multi import MultiFormationSet  # isort: skip
+from infodistill.synthetic.lowrank import LowRankSet  # isort: skip
 
-__all__ = ["INITS", "PARAMETERISATION_REGISTRY", "MultiFormationSet", "PixelSet", "SyntheticSet",
+__all__ = ["INITS", "LowRankSet", "PARAMETERISATION_REGISTRY", "MultiFormationSet", "PixelSet", "SyntheticSet",
            "build_synthetic", "register_parameterisation"]

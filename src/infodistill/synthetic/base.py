@@ -42,6 +42,18 @@ class SyntheticSet(nn.Module):
         start = label * self.images_per_class
         return self.images()[start : start + self.images_per_class]
 
+    def storage_floats(self) -> int:
+        """Floats the set stores (its learnable tensors): what "same memory" compares."""
+        return sum(parameter.numel() for parameter in self.parameters())
+
+    def budget_floats(self) -> int:
+        """Floats of the pixel set of the same IPC, the budget this set must not exceed."""
+        return self.storage_floats()
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors to keep in the artefact beside the decoded images (none for pixels)."""
+        return {name: parameter.detach() for name, parameter in self.named_parameters()}
+
     def images_by_class(self) -> torch.Tensor:
         """Decoded images grouped per class: classes x images_per_class x C x H x W."""
         decoded = self.images()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from infodistill.data import ClassSampler
 from infodistill.errors import UserInputError
 from infodistill.synthetic.base import SyntheticSet, register_parameterisation
-from infodistill.synthetic.pixels import INITS
+from infodistill.synthetic.pixels import check_init_and_shape
 
 UPSAMPLE_MODES = ("bilinear", "nearest")
 
@@ -122,11 +122,7 @@ class MultiFormationSet(SyntheticSet):
         of ``factor**2`` into one stored image. The random draws follow ``PixelSet`` (real images
         first, then the noise), so factor 1 gives exactly the pixel set of the same generator.
         """
-        if init not in INITS:
-            raise UserInputError(f"init '{init}' is not one of: {', '.join(INITS)}")
-        image_shape = tuple(sampler.images.shape[1:])
-        if len(image_shape) != 3:
-            raise UserInputError(f"multi-formation needs C x H x W images, got {list(image_shape)}")
+        image_shape = check_init_and_shape(sampler, init, "multi-formation")
         factor = check_factor(factor, image_shape[1], image_shape[2])
         check_upsample(upsample)
         # Noise draws (and discards) ipc real images first, exactly as PixelSet does.

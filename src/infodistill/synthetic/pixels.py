@@ -12,6 +12,16 @@ from infodistill.synthetic.base import SyntheticSet, register_parameterisation
 INITS = ("real", "noise")
 
 
+def check_init_and_shape(sampler: ClassSampler, init: str, what: str) -> tuple[int, int, int]:
+    """The sampler's image shape C x H x W, after refusing an unknown ``init`` or images that are not C x H x W."""
+    if init not in INITS:
+        raise UserInputError(f"init '{init}' is not one of: {', '.join(INITS)}")
+    image_shape = tuple(sampler.images.shape[1:])
+    if len(image_shape) != 3:
+        raise UserInputError(f"{what} needs C x H x W images, got {list(image_shape)}")
+    return image_shape  # type: ignore[return-value]
+
+
 @register_parameterisation("pixels")
 class PixelSet(SyntheticSet):
     """``images_per_class`` learnable images per class, stored as one N x C x H x W tensor."""
@@ -38,3 +48,7 @@ class PixelSet(SyntheticSet):
 
     def images(self) -> torch.Tensor:
         return self.pixels
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """Nothing beyond the images: the stored tensor is the image tensor."""
+        return {}
