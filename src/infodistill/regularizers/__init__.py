@@ -9,13 +9,16 @@ from infodistill.regularizers.cmi import (
     per_sample_kl,
     vectorise_proxies,
 )
+from infodistill.regularizers.mim import MIMRegularizer, info_nce
 
 __all__ = [
     "CMIRegularizer",
+    "MIMRegularizer",
     "Regularizer",
     "cmi_from_features",
     "cmi_per_proxy",
     "empirical_cmi",
+    "info_nce",
     "per_sample_kl",
     "vectorise_proxies",
 ]
