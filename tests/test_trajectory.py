@@ -143,3 +143,28 @@ def test_the_learned_step_size_is_projected_onto_positive_values(real, experts_d
     loss = next(method.iteration(context))
     assert float(method.lr.detach()) == pytest.approx(method.MIN_LR) and bool(torch.isfinite(loss.detach()))
     assert float(loss.detach()) == pytest.approx(1.0, abs=1e-3)  # a step of 1e-6 leaves the student where it started
+
+
+def test_mtt_and_dsa_learn_low_rank_factors_through_the_same_loop(real, experts_dir, tmp_path):
+    runs = {"mtt": _config("mtt", experts_dir, ipc=1, param="lowrank", rank=2),
+            "dsa": DistillConfig(method="dsa", ipc=1, iterations=2, model=MODEL, param="lowrank", rank=2,
+                                 outer_loop=2, inner_loop=1, batch_real=8)}
+    for name, config in runs.items():
+        distilled = load_set(distill(config, tmp_path / name, progress=False, real=real).artefact)
+        assert distilled.images.shape[0] == 70  # 7 rank-2 images per class in the storage of one 28x28 image
+        initial = build_synthetic("lowrank", _sampler(real), 1, "real", _init_generator(config), rank=2)
+        assert not torch.equal(distilled.stored["factor_a"], initial.factor_a.detach())
+        torch.testing.assert_close(distilled.images, distilled.stored["factor_a"] @ distilled.stored["factor_b"])
+
+
+def _sampler(real):
+    from infodistill.data import ClassSampler
+
+    images, labels = real.train_tensors()
+    return ClassSampler(images, labels, real.info.num_classes)
+
+
+def _init_generator(config):
+    from infodistill.distill import INIT_STREAM, stream_seed
+
+    return torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
