@@ -28,7 +28,7 @@ from infodistill.pools import ProxyPool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
 
-from report import emit_json, fashion_mnist_sampler  # benchmarks/report.py (scripts run from this folder)
+from report import emit_json, fashion_mnist_sampler, timed_round_robin  # benchmarks/report.py (scripts run from this folder)
 
 
 def reference_dm_iteration(context, batch_real: int, optimizer) -> None:
@@ -46,20 +46,6 @@ def reference_dm_iteration(context, batch_real: int, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-
-
-def timed_round_robin(steps: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each step, calling the steps in turn so that drifts in machine
-    load hit all of them alike; one warm-up call each first."""
-    for step in steps.values():
-        step(-1)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for index in range(repeats):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step(index)
-            times[name].append(time.perf_counter() - started)
-    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def main() -> None:

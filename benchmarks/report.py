@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -23,3 +24,17 @@ def fashion_mnist_sampler(device: torch.device) -> tuple[RealData, ClassSampler]
     real = load_dataset("fashion-mnist")
     images, labels = real.train_tensors()
     return real, ClassSampler(images.to(device), labels.to(device), real.info.num_classes)
+
+
+def timed_round_robin(steps: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each step, calling the steps in turn so that drifts in machine
+    load hit all of them alike; one warm-up call each first."""
+    for step in steps.values():
+        step(-1)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for index in range(repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step(index)
+            times[name].append(time.perf_counter() - started)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}

@@ -636,7 +636,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
                         "centroid equals that image's output; the term will do nothing")
 
     if config.mim_weight > 0:
-        terms.append(_mim_term(config, sampler, real, device, optimizer, pool))
+        terms.append(build_mim_term(config, sampler, real, device, optimizer, pool))
 
     start, weights = 0, {}
     files.root.mkdir(parents=True, exist_ok=True)
@@ -689,7 +689,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
                          iterations=config.iterations, seconds=time.perf_counter() - started)
 
 
-def _mim_term(config: DistillConfig, sampler: ClassSampler, real: RealData, device: torch.device,
+def build_mim_term(config: DistillConfig, sampler: ClassSampler, real: RealData, device: torch.device,
               optimizer: torch.optim.Optimizer, pool: Any) -> RegularizerTerm:
     """The MIM4DD term, its projection heads added to the optimiser. Features come from a proxy of the pool
     when the run has one (trained, fixed features), else from a fresh network of the run's architecture."""
