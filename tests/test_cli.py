@@ -181,3 +181,40 @@ def test_distill_config_file_errors(striped_root, tmp_path, capsys, text, fragme
     config.write_text(text)
     code, _, stderr = run(capsys, "distill", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet")
     assert code == 2 and fragment in stderr
+
+
+def test_teacher_relabel_flow_sre2l_then_evaluate_with_the_kd_recipe(striped_root, tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    code, _, _ = run(capsys, "proxies", "--arch", "ConvNet-1-8-bn", "--count", "1", "--epochs", "1",
+                     "--out", str(teacher), "--json")
+    assert code == 0
+    code, _, stderr = run(capsys, "distill", "--method", "dwa", "--ipc", "2", "--iterations", "2", "--teacher",
+                          str(teacher), "--out", str(tmp_path / "dwa"), "--quiet")
+    assert code == 0, stderr
+    distilled = load_set(tmp_path / "dwa" / "set.safetensors")
+    assert distilled.soft_labels is not None and distilled.metadata.extra["relabel_temperature"] == "30.0"
+    code, stdout, _ = run(capsys, "evaluate", str(tmp_path / "dwa" / "set.safetensors"), *FAST)
+    assert code == 0 and "KD recipe (AdamW lr 0.001, cosine, temperature 30)" in stdout
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [(["--method", "sre2l"], "method 'sre2l' needs a teacher: pass --teacher DIR"),
+     (["--method", "sre2l", "--teacher", "{plain}"], "needs a teacher with batch-norm layers, but the teacher"),
+     (["--method", "sre2l", "--teacher", "{plain}", "--mim-weight", "1"], "mim_weight 1 needs real data"),
+     (["--method", "dwa", "--teacher", "{plain}", "--init", "noise"], "needs init 'real'"),
+     (["--method", "sre2l", "--teacher", "{plain}", "--zca", "0.1"], "zca 0.1 does not apply to method 'sre2l'"),
+     (["--method", "dm", "--teacher", "{plain}"], "teacher does not apply to method 'dm'; it applies to: dwa, sre2l"),
+     (["--method", "dm", "--mim-weight", "-1"], "mim_weight must be a finite number >= 0"),
+     (["--method", "dm", "--mim-weight", "1", "--mim-temperature", "0"], "mim_temperature must be positive")],
+)
+def test_seed_method_bad_input_is_one_line_with_status_2_and_writes_nothing(striped_root, tmp_path, capsys, argv,
+                                                                            fragment):
+    plain = tmp_path / "plain"
+    if "{plain}" in argv:
+        run(capsys, "proxies", "--arch", "ConvNet-1-8", "--count", "1", "--epochs", "1", "--out", str(plain), "--json")
+    argv = [str(plain) if value == "{plain}" else value for value in argv]
+    code, _, stderr = run(capsys, "distill", *argv, "--ipc", "2", "--iterations", "1", "--quiet",
+                          "--out", str(tmp_path / "run"))
+    assert code == 2 and fragment in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "run").exists()

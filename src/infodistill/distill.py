@@ -202,6 +202,9 @@ class DistillConfig:
                 raise UserInputError(f"{name} must be a finite number >= 0, got {value}")
         if not (self.mim_weight >= 0 and np.isfinite(self.mim_weight)):
             raise UserInputError(f"mim_weight must be a finite number >= 0 (0 turns MIM off), got {self.mim_weight}")
+        if self.zca > 0 and method_class(self.method).clips_to_pixel_range:
+            raise UserInputError(f"zca {self.zca:g} does not apply to method '{self.method}': it clips images to the "
+                                 "pixel range, which whitened images do not have; drop --zca")
         if self.mim_weight > 0 and not method_class(self.method).reads_real_data:
             raise UserInputError(f"mim_weight {self.mim_weight:g} needs real data, but method '{self.method}' distils "
                                  "from its teacher alone; drop --mim-weight or choose a method that reads real data")

@@ -23,8 +23,10 @@ from infodistill.methods.gradient_matching import (  # noqa: E402  isort: skip
 from infodistill.methods.mtt import TrajectoryMatching  # noqa: E402  isort: skip
 from infodistill.methods.datm import DifficultyAlignedMatching  # noqa: E402  isort: skip
 from infodistill.methods.idc import IDC  # isort: skip
+from infodistill.methods.sre2l import DWA, SRe2L  # isort: skip
 
 __all__ = [
+    "DWA",
     "IDC",
     "METHOD_REGISTRY",
     "ClassUpdate",
@@ -36,6 +38,7 @@ __all__ = [
     "Method",
     "MethodDefaults",
     "MethodSetup",
+    "SRe2L",
     "SiameseAugmentedCondensation",
     "TrajectoryMatching",
     "gradient_distance",

@@ -137,6 +137,8 @@ class Method(ABC):
     reads_real_data: ClassVar[bool] = True
     """False for methods that distil from a trained teacher alone (SRe2L): regularizers that compare
     with real data (MIM) do not apply to them."""
+    clips_to_pixel_range: ClassVar[bool] = False
+    """True for methods that clip images to the pixel range, which whitened (ZCA) images do not have."""
 
     @staticmethod
     @abstractmethod
