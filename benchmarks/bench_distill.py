@@ -14,7 +14,6 @@ Proxy weights are random: the cost of the term does not depend on them. Prints o
 
 from __future__ import annotations
 
-import argparse
 import platform
 import resource
 import time
@@ -28,7 +27,7 @@ from infodistill.pools import ProxyPool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
 
-from report import emit_json, fashion_mnist_sampler, timed_round_robin  # benchmarks/report.py (scripts run from this folder)
+from report import emit_json, fashion_mnist_sampler, speed_parser, timed_round_robin  # benchmarks/report.py
 
 
 def reference_dm_iteration(context, batch_real: int, optimizer) -> None:
@@ -49,12 +48,7 @@ def reference_dm_iteration(context, batch_real: int, optimizer) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ipc", type=int, default=10)
-    parser.add_argument("--batch-real", type=int, default=256)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser = speed_parser(__doc__)
     args = parser.parse_args()
     device = torch.device(args.device)
 

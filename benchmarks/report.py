@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -38,3 +39,14 @@ def timed_round_robin(steps: dict, repeats: int) -> dict[str, float]:
             step(index)
             times[name].append(time.perf_counter() - started)
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+
+
+def speed_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every iteration-speed benchmark takes: --repeats, --ipc, --batch-real, --device, --out."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--batch-real", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="also write the JSON here")
+    return parser
