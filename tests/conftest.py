@@ -44,3 +44,34 @@ def real(striped_root):
     from infodistill.data import load_dataset
 
     return load_dataset("fashion-mnist")
+
+
+def run_killed_after_iteration(index: int, config, out_dir, real, monkeypatch) -> None:
+    """Run ``config`` into ``out_dir`` and interrupt it (KeyboardInterrupt) once iteration ``index`` is logged."""
+    from infodistill.distill import MetricsLog, distill
+
+    original_write = MetricsLog.write
+
+    def killed(self, iteration, values):
+        original_write(self, iteration, values)
+        if iteration == index:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MetricsLog, "write", killed)
+        with pytest.raises(KeyboardInterrupt):
+            distill(config, out_dir, progress=False, real=real)
+
+
+def initial_pixel_images(config, real):
+    """The real images a run of ``config`` starts from (its init stream drawing a pixel set)."""
+    import torch
+
+    from infodistill.data import ClassSampler
+    from infodistill.distill import INIT_STREAM, stream_seed
+    from infodistill.synthetic import PixelSet
+
+    images, labels = real.train_tensors()
+    generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
+    return PixelSet.initialise(ClassSampler(images, labels, real.info.num_classes), config.ipc, "real",
+                               generator).images().detach()

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import initial_pixel_images, run_killed_after_iteration
 from safetensors import safe_open
 
 from infodistill.artefact import load_set
@@ -12,7 +13,6 @@ from infodistill.distill import (
     CALIBRATION_STREAM,
     DistillConfig,
     LossDiverged,
-    MetricsLog,
     build_method,
     make_context,
     calibrate_cmi_weight,
@@ -47,31 +47,7 @@ def test_every_method_runs_through_the_loop_and_writes_the_artefact(method, real
     lines = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [0, 1]
     assert all(f"loss/{method}" in line and "loss/total" in line for line in lines)
-    assert not torch.equal(distilled.images, _initial_images(config, real))
-
-
-def _initial_images(config, real):
-    from infodistill.data import ClassSampler
-    from infodistill.distill import INIT_STREAM, stream_seed
-
-    images, labels = real.train_tensors()
-    generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
-    return PixelSet.initialise(ClassSampler(images, labels, 10), config.ipc, "real", generator).images().detach()
-
-
-def run_killed_after_iteration(index: int, config, out_dir, real, monkeypatch) -> None:
-    """Run ``config`` into ``out_dir`` and interrupt it (KeyboardInterrupt) once iteration ``index`` is logged."""
-    original_write = MetricsLog.write
-
-    def killed(self, iteration, values):
-        original_write(self, iteration, values)
-        if iteration == index:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(MetricsLog, "write", killed)
-        with pytest.raises(KeyboardInterrupt):
-            distill(config, out_dir, progress=False, real=real)
+    assert not torch.equal(distilled.images, initial_pixel_images(config, real))
 
 
 def test_a_killed_run_resumed_ends_bit_identical_to_an_uninterrupted_one(real, pool_dir, tmp_path, monkeypatch):

@@ -389,36 +389,22 @@ def test_sre2l_runs_through_the_loop_and_writes_soft_labels(real, teacher_dir, t
     assert torch.allclose(distilled.soft_labels, expected, atol=1e-6)
 
 
-def test_a_resumed_dwa_run_is_bit_identical_to_an_uninterrupted_one(real, teacher_dir, tmp_path, monkeypatch):
+def test_a_resumed_dwa_run_with_cmi_is_bit_identical_to_an_uninterrupted_one(real, teacher_dir, tmp_path,
+                                                                                monkeypatch):
+    from conftest import initial_pixel_images, run_killed_after_iteration
+
     from infodistill.artefact import load_set
-    from infodistill.distill import DistillConfig, MetricsLog, distill
+    from infodistill.distill import DistillConfig, distill
 
+    # The teacher's pool doubles as the CMI proxy pool: CMI composes with recovery like with any method.
     config = DistillConfig(method="dwa", teacher=str(teacher_dir), ipc=2, iterations=5, checkpoint_every=2,
-                           dwa_steps=3)
+                           dwa_steps=3, cmi_weight=0.5, proxies=str(teacher_dir))
     whole = distill(config, tmp_path / "whole", progress=False, real=real)
-
-    original_write = MetricsLog.write
-
-    def killed_after_iteration_2(self, iteration, values):
-        original_write(self, iteration, values)
-        if iteration == 2:  # three iterations done, the checkpoint after two kept
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsLog, "write", killed_after_iteration_2)
-    with pytest.raises(KeyboardInterrupt):
-        distill(config, tmp_path / "killed", progress=False, real=real)
-    monkeypatch.setattr(MetricsLog, "write", original_write)
+    run_killed_after_iteration(2, config, tmp_path / "killed", real, monkeypatch)  # checkpoint after two kept
     resumed = distill(config, tmp_path / "killed", resume=True, progress=False, real=real)
 
     a, b = load_set(whole.artefact), load_set(resumed.artefact)
     assert torch.equal(a.images, b.images) and torch.equal(a.soft_labels, b.soft_labels) and a.metadata == b.metadata
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
-    assert whole.config.init == "real" and not torch.equal(a.images, _initial_real_images(config, real))
-
-
-def _initial_real_images(config, real):
-    from infodistill.distill import INIT_STREAM, stream_seed
-
-    images, labels = real.train_tensors()
-    generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
-    return PixelSet.initialise(ClassSampler(images, labels, 10), config.ipc, "real", generator).images().detach()
+    assert '"loss/cmi"' in (tmp_path / "whole" / "metrics.jsonl").read_text() and a.metadata.regularizers == {"cmi": 0.5}
+    assert whole.config.init == "real" and not torch.equal(a.images, initial_pixel_images(config, real))
