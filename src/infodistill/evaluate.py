@@ -39,9 +39,11 @@ BATCHED_CHOICES = ("auto", "on", "off")
 OPTIMIZERS = ("sgd", "adamw")
 RECIPES = ("auto", "protocol", "kd")
 KD_RECIPE = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.01, "lr_schedule": "cosine"}
-"""SRe2L's relabel recipe (its ImageNet-1K student training): AdamW lr 0.001, weight decay 0.01, cosine decay,
-loss KL(teacher soft labels at temperature T || softmax(student logits / T)). ``recipe="auto"`` uses it for
-sets that carry a ``relabel_temperature`` (SRe2L, DWA)."""
+"""SRe2L's relabel recipe (the student training of its CIFAR and ImageNet-1K relabel scripts): AdamW lr 0.001,
+weight decay 0.01, cosine decay, loss KL(teacher soft labels at temperature T || softmax(student logits / T)).
+The soft labels are the ones stored in the set (the official scripts query the teacher afresh on every
+augmented, mixed-up batch, which a stored set cannot hold). ``recipe="auto"`` uses it for sets that carry a
+``relabel_temperature`` (SRe2L, DWA)."""
 
 
 @dataclass(frozen=True)
