@@ -18,7 +18,7 @@ from report import emit_json  # benchmarks/report.py (scripts run from this fold
 BASELINE = {"mtt": "random-ipc10", "mtt+cmi": "random-ipc10", "datm": "random-ipc10", "datm+cmi": "random-ipc10",
             "idc": "random-ipc1", "idc+cmi": "random-ipc1", "dm-ipc1": "random-ipc1", "dm-lowrank": "random-ipc1",
             "dm-lowrank+cmi": "random-ipc1", "dm-ipc10": "random-ipc10", "dm+mim": "random-ipc10",
-            "sre2l": "random-ipc10", "sre2l+cmi": "random-ipc10", "dwa": "random-ipc10"}
+            "sre2l": "random-ipc10-kd", "sre2l+cmi": "random-ipc10-kd", "dwa": "random-ipc10-kd"}
 BASE_METHOD = {"dm+mim": "dm-ipc10"}
 """A regularised set's base run, where it is not the name without its ``+cmi``/``+mim`` suffix."""
 

@@ -60,5 +60,9 @@ if [[ $part == recover || $part == all ]]; then
     infodistill distill --method sre2l "${recover[@]}" --proxies "$out/proxies" --cmi-weight auto --out "$out/sre2l+cmi"
   [[ -f "$out/random-ipc10.safetensors" ]] || \
     infodistill baseline --ipc 10 --seed 0 --out "$out/random-ipc10.safetensors"
-  evaluate random-ipc10.safetensors sre2l/set.safetensors dwa/set.safetensors sre2l+cmi/set.safetensors
+  # the fair baseline of a relabelled set: the same random subset with the teacher's soft labels
+  [[ -f "$out/random-ipc10-kd.safetensors" ]] || \
+    infodistill baseline --ipc 10 --seed 0 --teacher "$out/teacher" --out "$out/random-ipc10-kd.safetensors"
+  evaluate random-ipc10.safetensors sre2l/set.safetensors dwa/set.safetensors sre2l+cmi/set.safetensors \
+    random-ipc10-kd.safetensors
 fi

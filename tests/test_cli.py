@@ -218,3 +218,32 @@ def test_seed_method_bad_input_is_one_line_with_status_2_and_writes_nothing(stri
                           "--out", str(tmp_path / "run"))
     assert code == 2 and fragment in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_random_subset_relabelled_by_the_teacher_is_the_fair_baseline_of_a_relabelled_set(striped_root, tmp_path,
+                                                                                            capsys):
+    from infodistill.data import load_dataset
+    from infodistill.evaluate import random_subset
+    from infodistill.pools import ProxyPool
+
+    teacher = tmp_path / "teacher"
+    run(capsys, "proxies", "--arch", "ConvNet-1-8-bn", "--count", "1", "--epochs", "1", "--out", str(teacher), "--json")
+    out = tmp_path / "random-kd.safetensors"
+    code, _, _ = run(capsys, "baseline", "--ipc", "2", "--teacher", str(teacher), "--relabel-temperature", "4",
+                     "--out", str(out))
+    assert code == 0
+    relabelled = load_set(out)
+    real = load_dataset("fashion-mnist")
+    subset = random_subset(real, 2, 0)
+    assert torch.equal(relabelled.images, subset.images) and torch.equal(relabelled.labels, subset.labels)
+    network = ProxyPool.load(teacher, real.info)[0]
+    with torch.no_grad():
+        expected = torch.softmax(network(subset.images) / 4.0, dim=1)  # written independently of the library
+    torch.testing.assert_close(relabelled.soft_labels, expected)
+    assert relabelled.metadata.extra["relabel_temperature"] == "4.0"
+    code, stdout, _ = run(capsys, "evaluate", str(out), *FAST)
+    assert code == 0 and "KD recipe" in stdout and "temperature 4" in stdout
+    code, _, stderr = run(capsys, "baseline", "--ipc", "2", "--teacher", str(teacher), "--relabel-temperature", "0",
+                          "--out", str(tmp_path / "bad.safetensors"))
+    assert code == 2 and "--relabel-temperature must be positive, got 0.0" in stderr
+    assert not (tmp_path / "bad.safetensors").exists()

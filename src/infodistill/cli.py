@@ -68,8 +68,12 @@ def command_baseline(args: argparse.Namespace) -> int:
     """Draw a class-balanced random real subset and write it as an artefact with its grid."""
     if args.ipc < 1:
         raise UserInputError(f"--ipc must be a positive integer, got {args.ipc}")
+    if args.relabel_temperature is not None and not args.relabel_temperature > 0:
+        raise UserInputError(f"--relabel-temperature must be positive, got {args.relabel_temperature}")
     real = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
     subset = random_subset(real, args.ipc, args.seed)
+    if args.teacher is not None:
+        subset = _relabelled(subset, real, args.teacher, args.relabel_temperature or 30.0)
     path = save_set(subset, args.out)
     grid = grid_path_for(path)
     if args.json:
@@ -78,6 +82,18 @@ def command_baseline(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {path} ({len(subset.labels)} images, {args.ipc} per class of {subset.num_classes}) and {grid}")
     return 0
+
+
+def _relabelled(subset, real, teacher: str, temperature: float):
+    """The subset with SRe2L's soft labels from the first network of the pool ``teacher``: the fair baseline
+    of a relabelled distilled set (same labels, same KD recipe at evaluation)."""
+    from infodistill.methods.sre2l import teacher_soft_labels
+    from infodistill.pools import ProxyPool
+
+    network = ProxyPool.load(teacher, real.info)[0]
+    extra = {**subset.metadata.extra, "teacher": str(teacher), "relabel_temperature": repr(float(temperature))}
+    return dataclasses.replace(subset, soft_labels=teacher_soft_labels(network, subset.images, temperature),
+                               metadata=dataclasses.replace(subset.metadata, extra=extra))
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
@@ -241,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--out", type=_safetensors_path, required=True, metavar="SET.safetensors",
                           help="artefact to write (a PNG grid is written beside it)")
     baseline.add_argument("--seed", type=int, default=0, help="seed of the random selection (default: 0)")
+    baseline.add_argument("--teacher", metavar="DIR",
+                          help="relabel the subset with the soft labels of this teacher (first network of a proxy "
+                               "pool), as SRe2L/DWA sets are: their fair baseline")
+    baseline.add_argument("--relabel-temperature", type=float, metavar="T",
+                          help="temperature of the teacher's soft labels (default: 30, SRe2L's)")
     baseline.add_argument("--json", action="store_true", help="print the result as JSON")
     baseline.set_defaults(handler=command_baseline)
 

@@ -202,6 +202,15 @@ def augment_batches(batches: Tensor, draws: list[Augmentation]) -> Tensor:
     return torch.stack(augmented)
 
 
+@torch.no_grad()
+def teacher_soft_labels(teacher: nn.Module, images: Tensor, temperature: float) -> Tensor:
+    """SRe2L's relabelling: ``softmax(teacher(images) / temperature)``, the teacher in eval mode, in chunks."""
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    logits = torch.cat([teacher(chunk.to(device)) for chunk in images.split(RELABEL_CHUNK)])
+    return torch.softmax(logits.float() / temperature, dim=1).to(images.device)
+
+
 @register_method("sre2l")
 class SRe2L(Method):
     """SRe2L recovery: cross-entropy of a trained batch-norm teacher plus per-batch BN-statistics matching."""
@@ -303,12 +312,9 @@ class SRe2L(Method):
         low, high = self.pixel_range
         pixels.copy_(torch.maximum(torch.minimum(pixels, high.to(pixels)), low.to(pixels)))
 
-    @torch.no_grad()
     def soft_labels(self, images: Tensor) -> Tensor:
-        """``softmax(teacher(images) / T)`` with the unperturbed teacher, in chunks."""
-        teacher = self._teacher()
-        logits = torch.cat([teacher(chunk) for chunk in images.split(RELABEL_CHUNK)])
-        return torch.softmax(logits.float() / self.relabel_temperature, dim=1)
+        """``softmax(teacher(images) / T)`` with the unperturbed teacher."""
+        return teacher_soft_labels(self._teacher(), images, self.relabel_temperature)
 
     def artefact_tensors(self) -> dict[str, Tensor]:
         if self.synthetic is None:
