@@ -30,6 +30,7 @@ from infodistill.evaluate import (
     random_subset,
 )
 from infodistill.models import model_names_help
+from infodistill.theory import command_theory, configure_theory_parser
 
 DEFAULT_DATASET = "fashion-mnist"
 
@@ -428,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmi.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default: cpu)")
     cmi.add_argument("--json", action="store_true", help="print the result as JSON")
     cmi.set_defaults(handler=command_cmi)
+
+    theory = commands.add_parser("theory", help="the multi-index theory experiment on a synthetic Gaussian task",
+                                 description=command_theory.__doc__)
+    configure_theory_parser(theory)
+    theory.set_defaults(handler=command_theory)
     return parser
 
 
