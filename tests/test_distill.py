@@ -161,6 +161,34 @@ def test_periodic_evaluation_logs_the_accuracy_of_the_current_set(real, tmp_path
     assert "eval/accuracy" not in lines[0] and 0.0 <= lines[1]["eval/accuracy"] <= 100.0
 
 
+def test_a_run_with_a_pool_logs_its_sets_cmi_with_and_without_the_term(real, pool_dir, tmp_path):
+    pool = ProxyPool.load(pool_dir, real.info)
+    for name, weight in (("plain", 0.0), ("cmi", 50.0)):
+        config = DistillConfig(method="dm", iterations=5, monitor_every=2, cmi_weight=weight, proxies=str(pool_dir),
+                               **TINY)
+        result = distill(config, tmp_path / name, progress=False, real=real)
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        # every 2 iterations and at the end
+        assert [line["iteration"] for line in lines if "monitor/cmi" in line] == [1, 3, 4]
+        assert ("loss/cmi" in lines[0]) == (weight > 0)
+        distilled = load_set(result.artefact)
+        expected = float(pool.cmi(distilled.images, distilled.labels, 10).mean())
+        assert lines[-1]["monitor/cmi"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_runs_sharing_a_load_cache_read_the_pool_once_and_compute_the_same(real, pool_dir, tmp_path):
+    from infodistill.pools import LoadCache
+
+    config = DistillConfig(method="dm", iterations=2, cmi_weight=50.0, proxies=str(pool_dir), **TINY)
+    alone = load_set(distill(config, tmp_path / "alone", progress=False, real=real).artefact)
+    cache = LoadCache()
+    shared = [load_set(distill(dataclasses.replace(config, seed=seed), tmp_path / f"shared{seed}", progress=False,
+                               real=real, cache=cache).artefact) for seed in (0, 1)]
+    assert cache.reads == 1
+    assert torch.equal(shared[0].images, alone.images)
+    assert not torch.equal(shared[1].images, alone.images)
+
+
 def test_image_average_follows_the_warmed_up_decay():
     from infodistill.distill import ImageAverage
 

@@ -51,6 +51,7 @@ from infodistill.methods import (
     method_settings,
 )
 from infodistill.models import parse_model_name
+from infodistill.pools import LoadCache, ProxyPool, load_proxy_pool
 from infodistill.regularizers import CMIRegularizer, Regularizer
 from infodistill.synthetic import (
     INITS,
@@ -67,7 +68,7 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 # Settings that may differ between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "eval_every", "eval_epochs", "eval_runs", "eval_model",
-                     "device", "data_root")
+                     "monitor_every", "device", "data_root")
 
 
 METHOD_OPTIONS = ("outer_loop", "inner_loop", "net_steps", "batch_net", "match_metric", "experts", "syn_steps",
@@ -144,6 +145,7 @@ class DistillConfig:
     data_root: str | None = None
     checkpoint_every: int = 100
     eval_every: int = 0
+    monitor_every: int = 10
     eval_model: str = "ConvNet-3"
     eval_epochs: int = 300
     eval_runs: int = 1
@@ -172,6 +174,8 @@ class DistillConfig:
                 raise UserInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise UserInputError(f"eval_every must be >= 0 (0 turns periodic evaluation off), got {self.eval_every}")
+        if self.monitor_every < 0:
+            raise UserInputError(f"monitor_every must be >= 0 (0 turns CMI monitoring off), got {self.monitor_every}")
         for name in ("min_start_epoch", "max_start_epoch", "window_start_max"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -572,7 +576,7 @@ class RunParts:
 
 
 def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler, device: torch.device,
-                    fresh: bool = True) -> RunParts:
+                    fresh: bool = True, cache: LoadCache | None = None) -> RunParts:
     """Initialise the synthetic set, build and prepare the method, and the optimiser over both, from
     ``config`` with its method defaults filled (the loop and the benchmarks share this)."""
     init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
@@ -581,7 +585,8 @@ def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler
     method = build_method(config)
     setup_generator = torch.Generator().manual_seed(stream_seed(config.seed, SETUP_STREAM))
     method.prepare(MethodSetup(synthetic=synthetic, sampler=sampler, info=real.info, device=device,
-                               model_name=config.model, generator=setup_generator, fresh=fresh, init=config.init))
+                               model_name=config.model, generator=setup_generator, fresh=fresh, init=config.init,
+                               cache=cache))
     groups = [{"params": list(synthetic.parameters()), "name": "synthetic"}, *method.parameter_groups()]
     if config.optimizer == "adam":
         betas = method_class(config.method).defaults(config.ipc).betas
@@ -605,8 +610,11 @@ def _prepare_out_dir(files: RunFiles, resume: bool) -> None:
 
 
 def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-            real: RealData | None = None) -> DistillResult:
-    """Run (or resume) a distillation and write its artefact, config and metrics into ``out_dir``."""
+            real: RealData | None = None, cache: LoadCache | None = None) -> DistillResult:
+    """Run (or resume) a distillation and write its artefact, config and metrics into ``out_dir``.
+
+    ``real`` (the loaded dataset) and ``cache`` (pools and trajectories already read) let several runs
+    in one process share what they read; the result is the same as reading it afresh."""
     started = time.perf_counter()
     config.validate()
     config = config.with_method_defaults()
@@ -621,17 +629,15 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     if config.ipc > sampler.smallest_class_size():
         raise UserInputError(f"ipc {config.ipc} is above the smallest class size {sampler.smallest_class_size()} of '{real.info.name}'")
 
-    parts = build_run_parts(config, real, sampler, device, fresh=not resume)
+    parts = build_run_parts(config, real, sampler, device, fresh=not resume, cache=cache)
     synthetic, method, optimizer, average, augment = (parts.synthetic, parts.method, parts.optimizer, parts.average,
                                                       parts.augment)
 
     terms: list[RegularizerTerm] = []
     pool_regularizer = None
     pool = None
-    if config.proxies is not None and (config.uses_cmi or config.mim_weight > 0):
-        from infodistill.pools import ProxyPool
-
-        pool = ProxyPool.load(config.proxies, real.info, device=device)
+    if config.proxies is not None:
+        pool = load_proxy_pool(config.proxies, real.info, device=str(device), cache=cache)
     if config.uses_cmi:
         pool_regularizer = CMIRegularizer(pool, proxies_per_step=config.cmi_proxies_per_step)
         if config.ipc == 1 and config.param == "pixels":
@@ -678,6 +684,9 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
             if config.eval_every and done % config.eval_every == 0:
                 snapshot = _distilled_set(synthetic, method, average, config, real, weights, done)
                 logged["eval/accuracy"] = _evaluate_now(snapshot, real, config)
+            if pool is not None and config.monitor_every and (done % config.monitor_every == 0 or
+                                                              done == config.iterations):
+                logged["monitor/cmi"] = _monitored_cmi(pool, synthetic, average, real.info.num_classes)
             metrics.write(iteration, logged)
             bar.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in logged.items()})
             if done % config.checkpoint_every == 0 or done == config.iterations:
@@ -719,6 +728,13 @@ def build_mim_term(config: DistillConfig, sampler: ClassSampler, real: RealData,
     optimizer.add_param_group({"params": list(mim.parameters()), "name": "mim", "lr": config.mim_lr,
                                "base_lr": config.mim_lr})
     return RegularizerTerm("mim", mim, config.mim_weight)
+
+
+def _monitored_cmi(pool: ProxyPool, synthetic: SyntheticSet, average: ImageAverage | None, num_classes: int) -> float:
+    """The set's CMI under the whole pool (mean over proxies): logged for runs with and without the term."""
+    with torch.no_grad():
+        images = average.images(synthetic) if average is not None else synthetic.images()
+        return float(pool.cmi(images.detach(), synthetic.labels, num_classes).mean())
 
 
 def _evaluate_now(snapshot: DistilledSet, real: RealData, config: DistillConfig) -> float:

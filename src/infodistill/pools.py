@@ -966,3 +966,47 @@ class ExpertTrajectories:
         """A module of the experts' architecture for their dataset, on the experts' device."""
         info = self.info
         return build_model(self.model, info.channels, info.num_classes, tuple(info.image_size), seed=seed).to(self.device)
+
+
+class LoadCache:
+    """Proxy pools and expert trajectories read once and shared by the runs of one process.
+
+    A sweep or an experiment runs many distillations over the same pools; each run asks the cache,
+    which reads a directory the first time and hands back the same (read-only) object afterwards.
+    A run without a cache reads its files itself, as before.
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple, Any] = {}
+        self.reads = 0
+
+    def _get(self, key: tuple, read: Callable[[], Any]) -> Any:
+        if key not in self._loaded:
+            self._loaded[key] = read()
+            self.reads += 1
+        return self._loaded[key]
+
+    def proxies(self, directory: str | Path, info: DatasetInfo, device: str = "cpu") -> ProxyPool:
+        """The pool of ``directory`` for ``info`` on ``device`` (see :meth:`ProxyPool.load`)."""
+        key = ("proxies", str(Path(directory).resolve()), info, str(device))
+        return self._get(key, lambda: ProxyPool.load(directory, info, device=device))
+
+    def experts(self, directory: str | Path, info: DatasetInfo, model: str | None = None, zca: float | None = None,
+                device: str = "cpu") -> ExpertTrajectories:
+        """The trajectories of ``directory`` (see :meth:`ExpertTrajectories.load`)."""
+        key = ("experts", str(Path(directory).resolve()), info, model, zca, str(device))
+        return self._get(key, lambda: ExpertTrajectories.load(directory, info, model=model, zca=zca, device=device))
+
+
+def load_proxy_pool(directory: str | Path, info: DatasetInfo, device: str = "cpu",
+                    cache: LoadCache | None = None) -> ProxyPool:
+    """The pool of ``directory``: from ``cache`` when given, else read now."""
+    return cache.proxies(directory, info, device) if cache is not None else ProxyPool.load(directory, info, device)
+
+
+def load_experts(directory: str | Path, info: DatasetInfo, model: str | None = None, zca: float | None = None,
+                 device: str = "cpu", cache: LoadCache | None = None) -> ExpertTrajectories:
+    """The trajectories of ``directory``: from ``cache`` when given, else read now."""
+    if cache is not None:
+        return cache.experts(directory, info, model=model, zca=zca, device=device)
+    return ExpertTrajectories.load(directory, info, model=model, zca=zca, device=device)

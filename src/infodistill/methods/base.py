@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -20,6 +20,9 @@ from infodistill.augment import DSA
 from infodistill.data import ClassSampler, DatasetInfo
 from infodistill.errors import UserInputError
 from infodistill.models.norm import BATCH_NORM_TYPES
+
+if TYPE_CHECKING:
+    from infodistill.pools import LoadCache
 from infodistill.synthetic import SyntheticSet
 
 
@@ -128,6 +131,7 @@ class MethodSetup:
     generator: torch.Generator
     fresh: bool
     init: str = "real"
+    cache: LoadCache | None = None  # pools and trajectories shared across the runs of one process
 
 
 class Method(ABC):

@@ -98,13 +98,13 @@ class TrajectoryMatching(Method):
 
     def prepare(self, setup: MethodSetup) -> None:
         """Load the experts once, check the matching window fits them, create the learned step size."""
-        from infodistill.pools import ExpertTrajectories
+        from infodistill.pools import load_experts
 
         if self.experts_dir is None:
             raise UserInputError(f"method '{self.name}' needs expert trajectories: pass --experts DIR "
                                  f"(build them with 'infodistill experts --dataset {setup.info.name} --out DIR')")
-        self.experts = ExpertTrajectories.load(self.experts_dir, setup.info, model=setup.model_name, zca=self.zca,
-                                               device=str(setup.device))
+        self.experts = load_experts(self.experts_dir, setup.info, model=setup.model_name, zca=self.zca,
+                                    device=str(setup.device), cache=setup.cache)
         last_target = self.max_start_epoch - 1 + self.expert_epochs
         if last_target > self.experts.epochs:
             raise UserInputError(

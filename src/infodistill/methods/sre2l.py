@@ -263,9 +263,9 @@ class SRe2L(Method):
         """Load the teacher (first network of the pool), refuse one without batch norm, keep the set."""
         from infodistill.models import parse_model_name
         from infodistill.models.registry import ModelSpec
-        from infodistill.pools import ProxyPool
+        from infodistill.pools import load_proxy_pool
 
-        pool = ProxyPool.load(self.teacher, setup.info, device=str(setup.device))
+        pool = load_proxy_pool(self.teacher, setup.info, device=str(setup.device), cache=setup.cache)
         network = pool[0]
         if not batch_norm_layers(network):
             spec = parse_model_name(pool.arch)
