@@ -9,14 +9,20 @@ The runs can be trained one after another (plain modules) or together, as one ve
 stacked parameters (``torch.func.vmap``). Both consume every run's random numbers in the same order,
 so they train the same networks up to floating-point rounding; ``batched="auto"`` picks the one that
 is faster on the device (see ``benchmarks/bench_evaluate.py``).
+
+:func:`evaluate_models` scores one set with several architectures (cross-architecture generalisation);
+:func:`write_evaluation` stores results as evaluation.json (the format other commands read) plus a CSV.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -31,7 +37,8 @@ from infodistill.augment import DSA
 from infodistill.data import ClassSampler, DatasetInfo, RealData
 from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
-from infodistill.models import build_model, parse_model_name
+from infodistill.files import atomic_path
+from infodistill.models import build_model, model_names_help, parse_model_name
 
 AUGMENTATIONS = ("dsa", "none")
 LR_SCHEDULES = ("half", "constant", "cosine")
@@ -391,3 +398,117 @@ def random_subset(real: RealData, ipc: int, seed: int) -> DistilledSet:
         seed=seed,
     )
     return DistilledSet(images=real.normalise(subset_uint8).float().contiguous(), labels=subset_labels.long(), metadata=metadata)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-architecture evaluation: one set, several models, one table and one evaluation.json
+# ----------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = ("model", "mean", "std", "runs", "epochs", "labels", "recipe", "accuracies")
+"""Columns of the CSV written beside an evaluation.json; ``accuracies`` holds the runs joined by ';'."""
+
+
+def check_model_names(models: Sequence[str]) -> list[str]:
+    """The names of ``models`` as a list, each parsed; refuse an empty list, a malformed name or a repeat.
+
+    Checked up front so that a typo in the last name does not surface after the first models trained.
+    """
+    if isinstance(models, str) or not isinstance(models, Sequence):
+        raise UserInputError(f"models must be a list of model names, got {models!r}; {model_names_help()}")
+    names = list(models)
+    if not names:
+        raise UserInputError(f"models is empty; give at least one model name; {model_names_help()}")
+    seen: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise UserInputError(f"model name {name!r} is empty; {model_names_help()}")
+        canonical = parse_model_name(name).canonical_name
+        if canonical in seen:
+            raise UserInputError(f"model {name!r} is listed twice (as {seen[canonical]!r} and {name!r}); "
+                                 "give each model once")
+        seen[canonical] = name
+    return names
+
+
+def _check_buildable(name: str, distilled: DistilledSet, num_classes: int) -> None:
+    """Build ``name`` for the set's image shape on the meta device (no memory, no compute), so that a
+    model too deep for the images is refused before any model trains."""
+    channels, height, width = distilled.image_shape
+    with torch.device("meta"):
+        build_model(name, channels=channels, num_classes=num_classes, image_size=(height, width))
+
+
+def evaluate_models(
+    distilled: DistilledSet,
+    real: RealData,
+    config: EvalConfig,
+    models: Sequence[str],
+    progress: bool = True,
+) -> list[EvalResult]:
+    """Score one set with several architectures (cross-architecture generalisation), in the given order.
+
+    Each model is :func:`evaluate_set` with ``config``'s recipe, runs and seeds and only the model
+    replaced, so every entry equals that model evaluated alone. All names, the settings and the set's
+    fit to the data (including whether each model can take the images) are checked before any training.
+    """
+    names = check_model_names(models)
+    configs = [replace(config, model=name) for name in names]
+    for model_config in configs:
+        model_config.validate()
+    check_set_fits(distilled, real.info)
+    for name in names:
+        _check_buildable(name, distilled, real.info.num_classes)
+    return [evaluate_set(distilled, real, model_config, progress=progress) for model_config in configs]
+
+
+def evaluation_payload(set_path: str | Path, results: Sequence[EvalResult]) -> dict:
+    """The evaluation.json content: ``{"set", "dataset", "results": [EvalResult.to_dict(), ...]}``."""
+    if not results:
+        raise UserInputError("there are no evaluation results to report; evaluate at least one model")
+    return {"set": str(set_path), "dataset": results[0].dataset, "results": [result.to_dict() for result in results]}
+
+
+def write_evaluation(path: str | Path, set_path: str | Path, results: Sequence[EvalResult]) -> tuple[Path, Path]:
+    """Write ``path`` (evaluation.json, see :func:`evaluation_payload`) and the same results as a CSV
+    beside it (same stem, ``.csv``), each atomically; return both paths.
+
+    The JSON is the format other commands read; the CSV (one row per model, accuracies joined by ';')
+    is for spreadsheets and plotting.
+    """
+    path = Path(path)
+    if path.suffix != ".json":
+        raise UserInputError(f"evaluation output '{path}' must end in .json")
+    payload = evaluation_payload(set_path, results)
+    csv_path = path.with_suffix(".csv")
+    try:
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(payload, indent=2) + "\n")
+        with atomic_path(csv_path) as temporary, temporary.open("w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+            for result in results:
+                writer.writerow([result.model, repr(result.mean), repr(result.std), len(result.accuracies),
+                                 result.epochs, result.labels, result.recipe,
+                                 ";".join(repr(float(accuracy)) for accuracy in result.accuracies)])
+    except OSError as error:
+        raise UserInputError(f"cannot write '{path}': {error.strerror or error}") from None
+    return path, csv_path
+
+
+def format_results_table(results: Sequence[EvalResult]) -> str:
+    """A plain-text table, one row per result in order: model | mean +- std | runs | per-run accuracies."""
+    header = ("model", "accuracy % (mean +- std)", "runs", "per-run accuracies %")
+    rows = [
+        (result.model, f"{result.mean:.2f} +- {result.std:.2f}", str(len(result.accuracies)),
+         ", ".join(f"{accuracy:.2f}" for accuracy in result.accuracies))
+        for result in results
+    ]
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [cell.ljust(width) for cell, width in zip(cells[:-1], widths)]
+        return " | ".join([*padded, cells[-1]]).rstrip()
+
+    separator = "-+-".join("-" * width for width in widths)
+    return "\n".join([line(header), separator, *(line(row) for row in rows)])
