@@ -25,11 +25,19 @@ from infodistill.evaluate import (
     BATCHED_CHOICES,
     RECIPES,
     EvalConfig,
+    check_model_names,
     check_set_fits,
+    evaluate_models,
     evaluate_set,
+    evaluation_payload,
+    format_results_table,
     random_subset,
+    write_evaluation,
 )
 from infodistill.models import model_names_help
+from infodistill.continual import command_continual, configure_continual_parser
+from infodistill.report import command_report, configure_report_parser
+from infodistill.sweep import command_sweep, configure_sweep_parser
 from infodistill.theory import command_theory, configure_theory_parser
 
 DEFAULT_DATASET = "fashion-mnist"
@@ -59,6 +67,25 @@ def _safetensors_path(value: str) -> Path:
     if path.suffix != ".safetensors":
         raise argparse.ArgumentTypeError(f"'{value}' must end in .safetensors")
     return path
+
+
+def _json_path(value: str) -> Path:
+    path = Path(value)
+    if path.suffix != ".json":
+        raise argparse.ArgumentTypeError(f"'{value}' must end in .json (a CSV is written beside it)")
+    return path
+
+
+def _png_path(value: str) -> Path:
+    path = Path(value)
+    if path.suffix != ".png":
+        raise argparse.ArgumentTypeError(f"'{value}' must end in .png")
+    return path
+
+
+def _model_list(value: str) -> list[str]:
+    """``--models A,B,C`` as names; every name is checked before anything is loaded or trained."""
+    return check_model_names([name.strip() for name in value.split(",")])
 
 
 def _print_json(payload: dict) -> None:
@@ -98,7 +125,9 @@ def _relabelled(subset, real, teacher: str, temperature: float):
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    """Train fresh networks on a set with the published recipe and report test accuracy."""
+    """Train fresh networks on a set with the published recipe and report test accuracy. With --models,
+    score the set with several architectures in turn (cross-architecture generalisation) and print a table."""
+    models = _model_list(args.models) if args.models is not None else None
     overrides = {
         "model": args.model, "runs": args.runs, "epochs": args.epochs, "lr": args.lr,
         "batch_size": args.batch_size, "augment": args.augment, "seed": args.seed,
@@ -109,14 +138,26 @@ def command_evaluate(args: argparse.Namespace) -> int:
     }
     config = build_config(EvalConfig, args.config, overrides)
     config.validate()
+    for name in models or ():
+        dataclasses.replace(config, model=name).validate()
     distilled = load_set(args.set)
     real = load_dataset(args.dataset or distilled.metadata.dataset, data_root=args.data_root, download=args.download)
-    result = evaluate_set(distilled, real, config, progress=not args.json)
-    if args.json:
-        _print_json(result.to_dict())
+    if models is None:
+        results = [evaluate_set(distilled, real, config, progress=not args.json)]
     else:
-        print(result.summary())
-        print("per run: " + ", ".join(f"{accuracy:.2f}" for accuracy in result.accuracies))
+        results = evaluate_models(distilled, real, config, models, progress=not args.json)
+    written = write_evaluation(args.out, args.set, results) if args.out is not None else None
+    if args.json:
+        # a single --model keeps the one-result shape that scripts (benchmarks/collect_accuracy.py) read
+        _print_json(results[0].to_dict() if models is None else evaluation_payload(args.set, results))
+        return 0
+    if models is None:
+        print(results[0].summary())
+        print("per run: " + ", ".join(f"{accuracy:.2f}" for accuracy in results[0].accuracies))
+    else:
+        print(format_results_table(results))
+    if written is not None:
+        print(f"wrote {written[0]} and {written[1]}")
     return 0
 
 
@@ -124,7 +165,7 @@ def _distill_overrides(args: argparse.Namespace) -> dict:
     """The distillation settings given as flags (None where a flag was not given)."""
     names = ("dataset", "method", "ipc", "iterations", "param", "init", "model", "lr_images", "momentum_images",
              "batch_real", "outer_loop", "inner_loop", "lr_net", "cmi_weight", "cmi_auto_fraction", "proxies",
-             "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root", "checkpoint_every", "eval_every",
+             "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root", "checkpoint_every", "eval_every", "monitor_every",
              "eval_model", "eval_epochs", "eval_runs", "factor", "upsample", "net_steps", "batch_net", "match_metric",
              "experts", "zca", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
              "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "ema_decay", "rank", "optimizer",
@@ -234,11 +275,22 @@ def command_cmi(args: argparse.Namespace) -> int:
     pool = ProxyPool.load(args.proxies, info, device=args.device)
     values = pool.cmi(distilled.images, distilled.labels, distilled.num_classes)
     mean, std = float(values.mean()), float(values.std(unbiased=False))
+    kl = None
+    if args.ordered_grid is not None:
+        from infodistill.visualise import per_sample_cmi, save_ordered_grid
+
+        kl = per_sample_cmi(pool, distilled.images, distilled.labels, distilled.num_classes)
+        save_ordered_grid(distilled, kl, args.ordered_grid)
     if args.json:
-        _print_json({"set": str(args.set), "proxies": str(args.proxies), "pool_size": len(values), "mean": mean,
-                     "std": std, "per_proxy": [float(v) for v in values]})
+        payload = {"set": str(args.set), "proxies": str(args.proxies), "pool_size": len(values), "mean": mean,
+                   "std": std, "per_proxy": [float(v) for v in values]}
+        if kl is not None:
+            payload.update(ordered_grid=str(args.ordered_grid), per_sample_kl=[float(v) for v in kl])
+        _print_json(payload)
     else:
         print(f"CMI of {args.set} under {len(values)} proxies: {mean:.6g} +- {std:.3g}")
+        if kl is not None:
+            print(f"wrote {args.ordered_grid}: each class's samples by KL to the class centroid (low left, high right)")
     return 0
 
 
@@ -270,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    description=command_evaluate.__doc__)
     evaluate.add_argument("set", metavar="SET.safetensors", help="artefact to evaluate")
     defaults = EvalConfig()
-    evaluate.add_argument("--model", metavar="NAME", help=f"architecture (default: {defaults.model}); {model_names_help()}")
+    architectures = evaluate.add_mutually_exclusive_group()
+    architectures.add_argument("--model", metavar="NAME",
+                               help=f"architecture (default: {defaults.model}); {model_names_help()}")
+    architectures.add_argument("--models", metavar="A,B,...",
+                               help="several architectures, comma-separated, e.g. ConvNet-3,AlexNet,VGG11,ResNet18: "
+                                    "the set is scored with each in turn (cross-architecture evaluation) and a table "
+                                    "is printed")
     evaluate.add_argument("--runs", type=int, metavar="N", help=f"runs with different seeds (default: {defaults.runs})")
     evaluate.add_argument("--epochs", type=int, metavar="E", help=f"training epochs per run (default: {defaults.epochs})")
     evaluate.add_argument("--lr", type=float, help=f"learning rate (default: {defaults.lr}, or the set's learned lr)")
@@ -286,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, help=f"base seed of the runs (default: {defaults.seed})")
     evaluate.add_argument("--device", metavar="cpu|cuda", help=f"device (default: {defaults.device})")
     evaluate.add_argument("--config", metavar="FILE.yaml", help="YAML file with evaluation settings (flags win)")
-    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--out", type=_json_path, metavar="FILE.json",
+                          help="also write the results as FILE.json ({set, dataset, results: [...]}) and FILE.csv")
+    evaluate.add_argument("--json", action="store_true",
+                          help="print the result as JSON (with --models: the FILE.json content)")
     _add_data_flags(evaluate, None)
     evaluate.set_defaults(handler=command_evaluate)
 
@@ -373,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--device", metavar="cpu|cuda", help="device (default: cpu)")
     distill.add_argument("--checkpoint-every", type=int, metavar="N", help="iterations between checkpoints (default: 100)")
     distill.add_argument("--eval-every", type=int, metavar="N", help="evaluate the set every N iterations (default: 0, off)")
+    distill.add_argument("--monitor-every", type=int, metavar="N",
+                         help="with --proxies: log the set's CMI under the pool every N iterations, also without the "
+                              "CMI term (pass --cmi-weight 0 to only monitor) (default: 10; 0: off)")
     distill.add_argument("--eval-model", metavar="NAME", help="model of periodic evaluation (default: ConvNet-3)")
     distill.add_argument("--eval-epochs", type=int, metavar="E", help="epochs of periodic evaluation (default: 300)")
     distill.add_argument("--eval-runs", type=int, metavar="N", help="runs of periodic evaluation (default: 1)")
@@ -427,13 +491,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmi.add_argument("--proxies", required=True, metavar="DIR", help="proxy pool directory")
     cmi.add_argument("--data-root", metavar="DIR", help="data root (only needed for folder: datasets)")
     cmi.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default: cpu)")
+    cmi.add_argument("--ordered-grid", type=_png_path, metavar="OUT.png",
+                     help="also draw each class's samples ordered by their KL to the class centroid (averaged over "
+                          "the proxies; low left, high right) and, with --json, report per_sample_kl")
     cmi.add_argument("--json", action="store_true", help="print the result as JSON")
     cmi.set_defaults(handler=command_cmi)
 
-    theory = commands.add_parser("theory", help="the multi-index theory experiment on a synthetic Gaussian task",
-                                 description=command_theory.__doc__)
-    configure_theory_parser(theory)
-    theory.set_defaults(handler=command_theory)
+    for name, summary, configure, handler in (
+        ("theory", "the multi-index theory experiment on a synthetic Gaussian task", configure_theory_parser,
+         command_theory),
+        ("report", "figures and a summary table from run directories", configure_report_parser, command_report),
+        ("sweep", "run a grid of distillations, each evaluated, resumably", configure_sweep_parser, command_sweep),
+        ("continual", "class-incremental learning with a distilled memory", configure_continual_parser,
+         command_continual),
+    ):
+        command = commands.add_parser(name, help=summary, description=handler.__doc__)
+        configure(command)
+        command.set_defaults(handler=handler)
     return parser
 
 
