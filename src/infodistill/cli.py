@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,11 +31,28 @@ from infodistill.evaluate import (
     evaluate_models,
     evaluate_set,
     evaluation_payload,
+    check_evaluation_processes,
+    evaluate_spread,
     format_results_table,
     random_subset,
+    resolve_device,
     write_evaluation,
 )
 from infodistill.models import model_names_help
+from infodistill.parallel import (
+    DEFAULT_TIMEOUT_S,
+    ProcessGroup,
+    ProcessGroupError,
+    check_cuda_processes,
+    check_nproc,
+    check_timeout,
+    init_from_environment,
+    is_main,
+    launch,
+    launched_by_torchrun,
+    rank_device,
+    shutdown,
+)
 from infodistill.continual import command_continual, configure_continual_parser
 from infodistill.report import command_report, configure_report_parser
 from infodistill.sweep import command_sweep, configure_sweep_parser
@@ -60,6 +78,16 @@ def _add_data_flags(parser: argparse.ArgumentParser, dataset_default: str | None
                              "else ~/.cache/infodistill/data; Fashion-MNIST is also found where Debian's "
                              "dataset-fashion-mnist package installs it)")
     parser.add_argument("--download", action="store_true", help="download a dataset that is not on disk")
+
+
+def _add_process_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help=f"run in N processes on this machine (started with torchrun); {what}; on CUDA each "
+                             "process uses its own GPU. Alternatively start the command with torchrun yourself "
+                             "(docs/distributed.md)")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                        help="with several processes: seconds to wait for the others at start-up and at every "
+                             f"exchange before failing (default: {DEFAULT_TIMEOUT_S:g})")
 
 
 def _safetensors_path(value: str) -> Path:
@@ -136,16 +164,34 @@ def command_evaluate(args: argparse.Namespace) -> int:
         "use_learned_lr": False if args.ignore_learned_lr else None,
         "recipe": args.recipe,
     }
+    if args.nproc is not None:
+        check_nproc(args.nproc)
+    timeout = check_timeout(args.dist_timeout)
     config = build_config(EvalConfig, args.config, overrides)
     config.validate()
     for name in models or ():
         dataclasses.replace(config, model=name).validate()
     distilled = load_set(args.set)
-    real = load_dataset(args.dataset or distilled.metadata.dataset, data_root=args.data_root, download=args.download)
-    if models is None:
-        results = [evaluate_set(distilled, real, config, progress=not args.json)]
-    else:
-        results = evaluate_models(distilled, real, config, models, progress=not args.json)
+    dataset = args.dataset or distilled.metadata.dataset
+    if args.nproc is not None and args.nproc > 1:
+        check_set_fits(distilled, dataset_info(dataset, data_root=args.data_root))
+        check_evaluation_processes(args.nproc, len(models or [config.model]), config.runs)
+        _check_devices(args.nproc, config.device)
+        return launch(args.argv, args.nproc)
+    real = load_dataset(dataset, data_root=args.data_root, download=args.download)
+    group = init_from_environment(timeout, resolve_device(config.device).type)
+    try:
+        if group.distributed:
+            results = evaluate_spread(distilled, real, config, models or [config.model], group,
+                                      progress=not args.json and is_main(group))
+        elif models is None:
+            results = [evaluate_set(distilled, real, config, progress=not args.json)]
+        else:
+            results = evaluate_models(distilled, real, config, models, progress=not args.json)
+    finally:
+        shutdown(group)
+    if not is_main(group):
+        return 0
     written = write_evaluation(args.out, args.set, results) if args.out is not None else None
     if args.json:
         # a single --model keeps the one-result shape that scripts (benchmarks/collect_accuracy.py) read
@@ -182,10 +228,28 @@ def _default_run_dir(config) -> Path:
     return Path("runs") / f"{config.method}{suffix}-{dataset}-ipc{config.ipc}-seed{config.seed}"
 
 
-def command_distill(args: argparse.Namespace) -> int:
-    """Distil a dataset into a few synthetic images per class with a method and optional CMI regularizer."""
-    from infodistill.distill import CONFIG_NAME, distill, distill_config_from
+def _check_devices(nproc: int, device_name: str) -> None:
+    """Refuse a device that several processes cannot share out (more processes than GPUs, or one named GPU)."""
+    device = resolve_device(device_name)
+    check_cuda_processes(nproc, device)
+    rank_device(ProcessGroup(world_size=nproc), device)
 
+
+def command_distill(args: argparse.Namespace) -> int:
+    """Distil a dataset into a few synthetic images per class with a method and optional CMI regularizer.
+    With --nproc N (or under torchrun) the classes are split over N processes (docs/distributed.md)."""
+    from infodistill.distill import (
+        CONFIG_NAME,
+        RunFiles,
+        check_out_dir,
+        distill,
+        distill_config_from,
+        plan_class_split,
+    )
+
+    if args.nproc is not None:
+        check_nproc(args.nproc)
+    timeout = check_timeout(args.dist_timeout)
     values: dict = {}
     if args.resume:
         if args.out is None:
@@ -200,7 +264,19 @@ def command_distill(args: argparse.Namespace) -> int:
     config = distill_config_from(values, f"config file '{args.config}'" if args.config else "config")
     config.validate()
     out_dir = Path(args.out) if args.out else _default_run_dir(config)
-    result = distill(config, out_dir, resume=args.resume, progress=not args.quiet)
+    if args.nproc is not None and args.nproc > 1:
+        # Everything the processes would refuse at once is refused here, before any process starts.
+        plan_class_split(config, args.nproc, dataset_info(config.dataset, data_root=config.data_root).num_classes)
+        _check_devices(args.nproc, config.device)
+        check_out_dir(RunFiles(out_dir), args.resume)
+        return launch(args.argv, args.nproc)
+    group = init_from_environment(timeout, resolve_device(config.device).type)
+    try:
+        result = distill(config, out_dir, resume=args.resume, progress=not args.quiet, group=group)
+    finally:
+        shutdown(group)
+    if not is_main(group):
+        return 0
     if args.json:
         _print_json({"out_dir": str(result.out_dir), "artefact": str(result.artefact),
                      "regularizer_weights": result.regularizer_weights, "iterations": result.iterations,
@@ -348,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also write the results as FILE.json ({set, dataset, results: [...]}) and FILE.csv")
     evaluate.add_argument("--json", action="store_true",
                           help="print the result as JSON (with --models: the FILE.json content)")
+    _add_process_flags(evaluate, "the (model, run) jobs are spread over N processes, one run at a time each")
     _add_data_flags(evaluate, None)
     evaluate.set_defaults(handler=command_evaluate)
 
@@ -445,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     distill.add_argument("--quiet", action="store_true", help="no progress bar")
     distill.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_process_flags(distill, "the classes are split over N processes (dm, with or without CMI)")
     distill.set_defaults(handler=command_distill)
 
     proxies = commands.add_parser("proxies", help="train a pool of proxy networks for the CMI regularizer",
@@ -513,22 +591,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``infodistill`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # --nproc re-runs the same command in each process
     handler: Callable[[argparse.Namespace], int] = args.handler
     logging.basicConfig(format="infodistill: %(levelname)s: %(message)s", level=logging.WARNING)
     from infodistill.distill import LossDiverged
 
+    where = f"infodistill {args.command}"
+    if launched_by_torchrun():
+        where += f" (rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']})"
     try:
         return handler(args)
     except UserInputError as error:
-        print(f"infodistill {args.command}: error: {error}", file=sys.stderr)
+        _error_line(f"{where}: error: {error}")
         return 2
-    except LossDiverged as error:
-        print(f"infodistill {args.command}: {error}", file=sys.stderr)
+    except (LossDiverged, ProcessGroupError) as error:
+        _error_line(f"{where}: {error}")
         return 1
     except KeyboardInterrupt:
-        print(f"infodistill {args.command}: interrupted", file=sys.stderr)
+        _error_line(f"{where}: interrupted")
         return 130
+
+
+def _error_line(text: str) -> None:
+    """``text`` as one line on stderr, in one write (lines of several processes do not interleave)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -51,8 +51,17 @@ from infodistill.methods import (
     method_settings,
 )
 from infodistill.models import parse_model_name
+from infodistill.parallel import (
+    SINGLE_PROCESS,
+    ProcessGroup,
+    all_gather_tensors,
+    all_reduce_sum,
+    is_main,
+    partition_classes,
+    rank_device,
+)
 from infodistill.pools import LoadCache, ProxyPool, load_proxy_pool
-from infodistill.regularizers import CMIRegularizer, Regularizer
+from infodistill.regularizers import CMIRegularizer, MIMRegularizer, Regularizer
 from infodistill.synthetic import (
     INITS,
     PARAMETERISATION_REGISTRY,
@@ -322,10 +331,58 @@ def build_method(config: DistillConfig) -> Method:
 
 def make_context(config: DistillConfig, iteration: int, synthetic: SyntheticSet, sampler: ClassSampler,
                   real: RealData, augment: DSA | None, device: torch.device,
-                  stream: int = ITERATION_STREAM) -> DistillContext:
+                  stream: int = ITERATION_STREAM, classes: tuple[int, ...] | None = None) -> DistillContext:
+    """The context of one iteration; ``classes``: those this process computes (None: all)."""
     generator = torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration))
     return DistillContext(iteration=iteration, generator=generator, synthetic=synthetic, sampler=sampler,
-                          info=real.info, augment=augment, device=device, model_name=config.model)
+                          info=real.info, augment=augment, device=device, model_name=config.model, classes=classes)
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """A run split over processes by class (``docs/distributed.md``): every process holds the whole set and
+    draws every random number, but rank r computes the losses, and so steps the rows, of classes ``parts[r]``
+    only; the whole set is gathered from the owners' rows when it is logged, checkpointed or written."""
+
+    group: ProcessGroup
+    parts: tuple[tuple[int, ...], ...]
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """The classes of this process."""
+        return self.parts[self.group.rank]
+
+    def gather(self, synthetic: SyntheticSet, tensor: torch.Tensor) -> torch.Tensor:
+        """A stored tensor of ``synthetic`` (or one of its shape: momentum, average) made whole: the rows of
+        each class from the process that steps them. A collective: every process calls it alike."""
+        return torch.cat(all_gather_tensors(self.group, synthetic.class_rows(tensor.detach(), self.classes)))
+
+
+REGULARIZER_CLASSES = {"cmi": CMIRegularizer, "mim": MIMRegularizer}
+"""The class of each regularizer a config can turn on (by term name)."""
+
+
+def _configured_regularizers(config: DistillConfig) -> list[str]:
+    return [name for name, enabled in (("cmi", config.uses_cmi), ("mim", config.mim_weight > 0)) if enabled]
+
+
+def plan_class_split(config: DistillConfig, world_size: int, num_classes: int) -> list[list[int]]:
+    """The classes of each of ``world_size`` processes (contiguous, see
+    :func:`~infodistill.parallel.partition_classes`), after refusing a run that cannot split its classes:
+    a method, network, regularizer or parameterisation whose loss does not decompose by class."""
+    config = config.with_method_defaults()
+    supported = sorted(name for name in METHOD_REGISTRY if method_class(name).class_decomposable)
+    problems = [method_class(config.method).class_split_problem(config.model)]
+    problems += [f"the {name.upper()} regularizer does not split over classes" for name in
+                 _configured_regularizers(config) if not REGULARIZER_CLASSES[name].class_decomposable]
+    parameterisation = getattr(PARAMETERISATION_REGISTRY.get(config.param), "__self__", None)
+    if parameterisation is not None and not parameterisation.rows_by_class:
+        problems.append(f"param '{config.param}' stores tensors shared between classes")
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise UserInputError(f"{problems[0]}; in {world_size} processes the supported methods are: "
+                             f"{', '.join(supported)} (with or without the CMI term); run it in one process")
+    return partition_classes(num_classes, world_size)
 
 
 def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: DistillContext, fraction: float) -> float:
@@ -373,21 +430,40 @@ class ImageAverage:
         return torch.func.functional_call(synthetic, self.shadow, ())
 
 
-def _regularized_images(synthetic: SyntheticSet, label: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images the regularizers see: the whole set, or one class for a per-class update."""
-    if label is None:
+def _regularized_images(synthetic: SyntheticSet, label: int | None,
+                        classes: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the regularizers see: the whole set, one class for a per-class update, or the classes
+    of this process in a run split over processes."""
+    if label is not None:
+        classes = (label,)
+    if classes is None:
         return synthetic.images(), synthetic.labels
-    images = synthetic.class_images(label)
-    return images, synthetic.labels.new_full((len(images),), label)
+    images = [synthetic.class_images(c) for c in classes]
+    labels = [synthetic.labels.new_full((len(batch),), c) for batch, c in zip(images, classes)]
+    return (images[0], labels[0]) if len(images) == 1 else (torch.cat(images), torch.cat(labels))
+
+
+def _summed_over_processes(values: dict[str, torch.Tensor], group: ProcessGroup) -> dict[str, float]:
+    """The loss terms as numbers, each summed over the processes of a split run (one collective)."""
+    if not group.distributed:
+        return {name: float(value.detach()) for name, value in values.items()}
+    summed = all_reduce_sum(group, torch.stack([value.detach().double() for value in values.values()]))
+    return dict(zip(values, summed.tolist()))
 
 
 def run_iteration(method: Method, terms: list[RegularizerTerm], context: DistillContext,
-                  optimizer: torch.optim.Optimizer, average: ImageAverage | None = None) -> dict[str, float]:
+                  optimizer: torch.optim.Optimizer, average: ImageAverage | None = None,
+                  group: ProcessGroup = SINGLE_PROCESS) -> dict[str, float]:
     """One iteration: for every matching loss the method yields, add the active regularizers and
     update the images (and the method's learned tensors). For a :class:`ClassUpdate` the regularizers
-    see that class's images only. Returns each loss term averaged over the iteration's updates."""
+    see that class's images only. Returns each loss term averaged over the iteration's updates.
+
+    In a run split by class (``context.classes`` set) the method's loss and each regularizer's
+    :meth:`~infodistill.regularizers.Regularizer.class_share` cover this process's classes; the
+    logged terms, and the divergence check, are their sums over the processes of ``group``."""
     synthetic = context.synthetic
-    learned = [p for group in optimizer.param_groups for p in group["params"]]
+    classes = getattr(context, "classes", None)  # a minimal context (tests) need not carry it
+    learned = [p for param_group in optimizer.param_groups for p in param_group["params"]]
     sums: dict[str, float] = {}
     updates = 0
     for step in method.iteration(context):
@@ -396,13 +472,19 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
         total = matching
         active = [term for term in terms if term.active(context.iteration)]
         if active:
-            images, labels = _regularized_images(synthetic, label)
+            images, labels = _regularized_images(synthetic, label, classes)
             for term in active:
-                value = term.regularizer.loss(images, labels, context.generator)
+                if classes is None or label is not None:
+                    value = term.regularizer.loss(images, labels, context.generator)
+                else:
+                    value = term.regularizer.class_share(images, labels, context.generator, len(synthetic.labels),
+                                                         synthetic.num_classes)
                 values[f"loss/{term.name}"] = value
                 total = total + term.weight * value
-        if not torch.isfinite(total):
-            raise LossDiverged(f"the loss became {float(total.detach())} at iteration {context.iteration}")
+        values["loss/total"] = total
+        numbers = _summed_over_processes(values, group)
+        if not math.isfinite(numbers["loss/total"]):
+            raise LossDiverged(f"the loss became {numbers['loss/total']} at iteration {context.iteration}")
         optimizer.zero_grad(set_to_none=True)
         total.backward(inputs=learned)  # only the set and the method's tensors learn; networks stay untouched
         optimizer.step()
@@ -410,9 +492,8 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
             method.project(synthetic)
         if average is not None:
             average.update(synthetic)
-        values["loss/total"] = total
-        for name, value in values.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        for name, value in numbers.items():
+            sums[name] = sums.get(name, 0.0) + value
         updates += 1
     return {name: value / max(updates, 1) for name, value in sums.items()}
 
@@ -425,16 +506,26 @@ def _learned_groups(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, tor
 
 
 def _checkpoint_tensors(synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
-                        average: ImageAverage | None) -> dict[str, torch.Tensor]:
-    tensors = {f"synthetic.{name}": value.detach().cpu().contiguous() for name, value in synthetic.state_dict().items()}
+                        average: ImageAverage | None, split: ClassSplit | None = None) -> dict[str, torch.Tensor]:
+    """Everything a checkpoint holds; in a split run the set's tensors (and their optimiser state and
+    average) are gathered whole from the processes that step each class (every process calls this)."""
+    parameters = dict(synthetic.named_parameters())
+
+    def whole(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if split is None else split.gather(synthetic, tensor)
+
+    tensors = {f"synthetic.{name}": (whole(value) if name in parameters else value).detach().cpu().contiguous()
+               for name, value in synthetic.state_dict().items()}
     for name, parameter in _learned_groups(optimizer):
-        if not name.startswith("synthetic."):
+        in_set = name.startswith("synthetic.")
+        if not in_set:
             tensors[f"learned.{name}"] = parameter.detach().cpu().contiguous()
         for key, value in optimizer.state.get(parameter, {}).items():
             if torch.is_tensor(value):
+                value = whole(value) if in_set and value.shape == parameter.shape else value
                 tensors[f"{_STATE_PREFIXES.get(key, 'optimizer.' + key)}.{name}"] = value.detach().cpu().contiguous()
     if average is not None:
-        tensors.update({f"average.{name}": value.cpu().contiguous() for name, value in average.shadow.items()})
+        tensors.update({f"average.{name}": whole(value).cpu().contiguous() for name, value in average.shadow.items()})
     return tensors
 
 
@@ -444,19 +535,27 @@ _STATE_PREFIXES = {"momentum_buffer": "momentum"}
 
 def save_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
                     iteration: int, config: DistillConfig, weights: dict[str, float],
-                    average: ImageAverage | None = None) -> None:
-    """Write the state after ``iteration`` completed iterations, atomically."""
+                    average: ImageAverage | None = None, split: ClassSplit | None = None) -> None:
+    """Write the state after ``iteration`` completed iterations, atomically. In a split run every process
+    calls this (the state is gathered) and rank 0 alone writes the file."""
+    tensors = _checkpoint_tensors(synthetic, optimizer, average, split)
+    if split is not None and not is_main(split.group):
+        return
     metadata = {"iteration": str(iteration), "config": json.dumps(dataclasses.asdict(config)),
                 "regularizer_weights": json.dumps(weights), "version": __version__,
-                "average_count": str(average.count if average is not None else 0)}
+                "average_count": str(average.count if average is not None else 0),
+                "processes": str(split.group.world_size if split is not None else 1)}
     with atomic_path(files.checkpoint) as temporary:
-        save_file(_checkpoint_tensors(synthetic, optimizer, average), str(temporary), metadata=metadata)
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
-                    config: DistillConfig, average: ImageAverage | None = None) -> tuple[int, dict[str, float]]:
+                    config: DistillConfig, average: ImageAverage | None = None,
+                    processes: int = 1) -> tuple[int, dict[str, float]]:
     """Restore a checkpoint into ``synthetic``, the optimiser's tensors and momentum, and the image
-    average; return (iteration, regularizer weights)."""
+    average; return (iteration, regularizer weights). A checkpoint holds the whole set, so a run may
+    resume with another number of ``processes``, unless its method says otherwise
+    (``Method.resumable_with_other_process_count``)."""
     path = files.checkpoint
     try:
         tensors = load_file(str(path))
@@ -466,6 +565,7 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         stored = json.loads(metadata["config"])
         weights = json.loads(metadata["regularizer_weights"])
         average_count = int(metadata.get("average_count", "0"))
+        written_by = int(metadata.get("processes", "1"))
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint") from None
@@ -475,6 +575,9 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
             raise UserInputError(
                 f"cannot resume '{files.root}': {key} was {value!r} in the run but is {current.get(key)!r} now"
             )
+    if written_by != processes and not method_class(config.method).resumable_with_other_process_count:
+        raise UserInputError(f"cannot resume '{files.root}' in {processes} process(es): method '{config.method}' "
+                             f"must resume with the {written_by} process(es) that wrote the checkpoint")
     state = {name[len("synthetic."):]: value for name, value in tensors.items() if name.startswith("synthetic.")}
     try:
         synthetic.load_state_dict(state, strict=True)
@@ -550,12 +653,32 @@ def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, floa
                        parameterisation=str(config.param), regularizers=weights, iterations=iterations, extra=extra)
 
 
-def _distilled_set(synthetic: SyntheticSet, method: Method, average: ImageAverage | None, config: DistillConfig,
-                   real: RealData, weights: dict[str, float], iterations: int) -> DistilledSet:
-    """The current state as an artefact: decoded (averaged) images, labels, the method's tensors."""
+def _whole_stored(synthetic: SyntheticSet, average: ImageAverage | None, split: ClassSplit) -> dict[str, torch.Tensor]:
+    """The set's (averaged) stored tensors gathered whole from the processes of a split run (a collective)."""
+    source = average.shadow if average is not None else dict(synthetic.named_parameters())
+    return {name: split.gather(synthetic, value) for name, value in source.items()}
+
+
+def _current_images(synthetic: SyntheticSet, average: ImageAverage | None, split: ClassSplit | None) -> torch.Tensor:
+    """The decoded (averaged) images of the whole set; gathered in a split run (every process calls this)."""
     with torch.no_grad():
-        images = average.images(synthetic) if average is not None else synthetic.images()
-        stored = average.shadow if average is not None else synthetic.stored_tensors()
+        if split is not None:
+            return torch.func.functional_call(synthetic, _whole_stored(synthetic, average, split), ())
+        return average.images(synthetic) if average is not None else synthetic.images()
+
+
+def _distilled_set(synthetic: SyntheticSet, method: Method, average: ImageAverage | None, config: DistillConfig,
+                   real: RealData, weights: dict[str, float], iterations: int,
+                   split: ClassSplit | None = None) -> DistilledSet:
+    """The current state as an artefact: decoded (averaged) images, labels, the method's tensors. In a
+    split run every process calls this (the set is gathered)."""
+    with torch.no_grad():
+        if split is None:
+            images = average.images(synthetic) if average is not None else synthetic.images()
+            stored = average.shadow if average is not None else synthetic.stored_tensors()
+        else:
+            stored = _whole_stored(synthetic, average, split)
+            images = torch.func.functional_call(synthetic, stored, ())
         stored = {name: stored[name].detach().cpu().float().clone() for name in synthetic.stored_tensors()}
     extras = {name: value.detach().cpu().float().clone() for name, value in method.artefact_tensors().items()}
     return DistilledSet(images=images.detach().cpu().float().contiguous(), labels=synthetic.labels.cpu().clone(),
@@ -599,7 +722,8 @@ def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler
     return RunParts(synthetic, method, optimizer, average, DSA() if config.augment else None)
 
 
-def _prepare_out_dir(files: RunFiles, resume: bool) -> None:
+def check_out_dir(files: RunFiles, resume: bool) -> None:
+    """Refuse to start a run over an existing one, or to resume one that has no checkpoint (reads only)."""
     if resume:
         if not files.checkpoint.exists():
             raise UserInputError(f"cannot resume: '{files.checkpoint}' does not exist (run without --resume first)")
@@ -610,20 +734,31 @@ def _prepare_out_dir(files: RunFiles, resume: bool) -> None:
 
 
 def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-            real: RealData | None = None, cache: LoadCache | None = None) -> DistillResult:
+            real: RealData | None = None, cache: LoadCache | None = None,
+            group: ProcessGroup = SINGLE_PROCESS) -> DistillResult:
     """Run (or resume) a distillation and write its artefact, config and metrics into ``out_dir``.
 
     ``real`` (the loaded dataset) and ``cache`` (pools and trajectories already read) let several runs
-    in one process share what they read; the result is the same as reading it afresh."""
+    in one process share what they read; the result is the same as reading it afresh.
+
+    ``group``: this process's place in a run over several processes (every process calls ``distill``
+    with the same arguments). The classes are then split between the processes (:class:`ClassSplit`,
+    ``docs/distributed.md``): each computes and steps its own classes, and rank 0 gathers the whole
+    set and alone writes files. The artefact is the one a single process writes."""
     started = time.perf_counter()
     config.validate()
     config = config.with_method_defaults()
     files = RunFiles(out_dir)
-    _prepare_out_dir(files, resume)
-    device = resolve_device(config.device)
+    check_out_dir(files, resume)
+    device = rank_device(group, resolve_device(config.device))
+    writer = is_main(group)
     real = real if real is not None else load_dataset(config.dataset, data_root=config.data_root)
     if config.zca > 0:
         real = whiten(real, config.zca)  # every tensor the run sees, and the artefact, are in whitened space
+    split = None
+    if group.distributed:
+        per_rank = plan_class_split(config, group.world_size, real.info.num_classes)
+        split = ClassSplit(group, tuple(tuple(classes) for classes in per_rank))
     train_images, train_labels = real.train_tensors()
     sampler = ClassSampler(train_images.to(device), train_labels.to(device), real.info.num_classes)
     if config.ipc > sampler.smallest_class_size():
@@ -632,6 +767,9 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     parts = build_run_parts(config, real, sampler, device, fresh=not resume, cache=cache)
     synthetic, method, optimizer, average, augment = (parts.synthetic, parts.method, parts.optimizer, parts.average,
                                                       parts.augment)
+    if split is not None and (not synthetic.rows_by_class or len(optimizer.param_groups) > 1):
+        raise UserInputError(f"method '{config.method}' with param '{config.param}' learns tensors that mix classes; "
+                             "it cannot split its classes over processes; run it in one process")
 
     terms: list[RegularizerTerm] = []
     pool_regularizer = None
@@ -640,7 +778,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
         pool = load_proxy_pool(config.proxies, real.info, device=str(device), cache=cache)
     if config.uses_cmi:
         pool_regularizer = CMIRegularizer(pool, proxies_per_step=config.cmi_proxies_per_step)
-        if config.ipc == 1 and config.param == "pixels":
+        if config.ipc == 1 and config.param == "pixels" and writer:
             log.warning("CMI is identically 0 at ipc 1 with pixel images: each class has one image, so its "
                         "centroid equals that image's output; the term will do nothing")
 
@@ -648,55 +786,71 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
         terms.append(build_mim_term(config, sampler, real, device, optimizer, pool))
 
     start, weights = 0, {}
-    files.root.mkdir(parents=True, exist_ok=True)
+    if writer:
+        files.root.mkdir(parents=True, exist_ok=True)
     if resume:
-        start, weights = load_checkpoint(files, synthetic, optimizer, config, average)
+        start, weights = load_checkpoint(files, synthetic, optimizer, config, average, processes=group.world_size)
     elif pool_regularizer is not None:
         if config.cmi_weight == "auto":
+            # The global first loss over every class, computed whole by every process (no split): the same
+            # number, bit for bit, as in a one-process run.
             context = make_context(config, 0, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
             weights = {"cmi": calibrate_cmi_weight(method, pool_regularizer, context, config.cmi_auto_fraction)}
-            log.info("cmi_weight auto: lambda = %.6g", weights["cmi"])
+            if writer:
+                log.info("cmi_weight auto: lambda = %.6g", weights["cmi"])
         else:
             weights = {"cmi": float(config.cmi_weight)}
     if pool_regularizer is not None:
         terms.append(RegularizerTerm("cmi", pool_regularizer, weights["cmi"], config.cmi_every))
     weights.update({term.name: term.weight for term in terms if term.name != "cmi"})
-    with atomic_path(files.config) as temporary:
-        temporary.write_text(yaml.safe_dump({**dataclasses.asdict(config), "resolved_weights": weights}, sort_keys=False))
+    if writer:
+        with atomic_path(files.config) as temporary:
+            temporary.write_text(yaml.safe_dump({**dataclasses.asdict(config), "resolved_weights": weights},
+                                                sort_keys=False))
 
-    metrics = MetricsLog(files, start)
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress,
-               desc=f"distill {config.method}" + (" + cmi" if terms else ""), unit="it")
+    metrics = MetricsLog(files, start) if writer else None
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
+               disable=not (progress and writer),
+               desc=f"distill {config.method}" + (" + cmi" if terms else "")
+               + (f" x{group.world_size} processes" if split is not None else ""), unit="it")
     last_good = start
+    classes = split.classes if split is not None else None
     try:
         for iteration in bar:
-            context = make_context(config, iteration, synthetic, sampler, real, augment, device)
+            context = make_context(config, iteration, synthetic, sampler, real, augment, device, classes=classes)
             factor = schedule_factor(config.lr_schedule, iteration, config.iterations)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = param_group["base_lr"] * factor
             try:
-                logged = run_iteration(method, terms, context, optimizer, average)
+                logged = run_iteration(method, terms, context, optimizer, average, group)
             except LossDiverged as diverged:
                 kept = (f"the last good checkpoint (iteration {last_good}) is kept in '{files.checkpoint}'"
                         if files.checkpoint.exists() else "no checkpoint was written yet")
                 raise LossDiverged(f"{diverged}; stopped; {kept}") from None
             done = iteration + 1
             if config.eval_every and done % config.eval_every == 0:
-                snapshot = _distilled_set(synthetic, method, average, config, real, weights, done)
-                logged["eval/accuracy"] = _evaluate_now(snapshot, real, config)
+                snapshot = _distilled_set(synthetic, method, average, config, real, weights, done, split)
+                if writer:  # rank 0 evaluates; the others wait for it at their next collective
+                    logged["eval/accuracy"] = _evaluate_now(snapshot, real, config, device)
             if pool is not None and config.monitor_every and (done % config.monitor_every == 0 or
                                                               done == config.iterations):
-                logged["monitor/cmi"] = _monitored_cmi(pool, synthetic, average, real.info.num_classes)
-            metrics.write(iteration, logged)
+                monitored = _monitored_cmi(pool, synthetic, average, real.info.num_classes, split)
+                if monitored is not None:
+                    logged["monitor/cmi"] = monitored
+            if metrics is not None:
+                metrics.write(iteration, logged)
             bar.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in logged.items()})
             if done % config.checkpoint_every == 0 or done == config.iterations:
-                save_checkpoint(files, synthetic, optimizer, done, config, weights, average)
+                save_checkpoint(files, synthetic, optimizer, done, config, weights, average, split)
                 last_good = done
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         bar.close()
 
-    save_set(_distilled_set(synthetic, method, average, config, real, weights, config.iterations), files.artefact)
+    distilled = _distilled_set(synthetic, method, average, config, real, weights, config.iterations, split)
+    if writer:
+        save_set(distilled, files.artefact)
     return DistillResult(out_dir=files.root, artefact=files.artefact, config=config, regularizer_weights=weights,
                          iterations=config.iterations, seconds=time.perf_counter() - started)
 
@@ -730,15 +884,20 @@ def build_mim_term(config: DistillConfig, sampler: ClassSampler, real: RealData,
     return RegularizerTerm("mim", mim, config.mim_weight)
 
 
-def _monitored_cmi(pool: ProxyPool, synthetic: SyntheticSet, average: ImageAverage | None, num_classes: int) -> float:
-    """The set's CMI under the whole pool (mean over proxies): logged for runs with and without the term."""
+def _monitored_cmi(pool: ProxyPool, synthetic: SyntheticSet, average: ImageAverage | None, num_classes: int,
+                   split: ClassSplit | None = None) -> float | None:
+    """The set's CMI under the whole pool (mean over proxies): logged for runs with and without the term.
+    In a split run every process calls this; rank 0 computes it, the others get None."""
+    images = _current_images(synthetic, average, split)
+    if split is not None and not is_main(split.group):
+        return None
     with torch.no_grad():
-        images = average.images(synthetic) if average is not None else synthetic.images()
         return float(pool.cmi(images.detach(), synthetic.labels, num_classes).mean())
 
 
-def _evaluate_now(snapshot: DistilledSet, real: RealData, config: DistillConfig) -> float:
+def _evaluate_now(snapshot: DistilledSet, real: RealData, config: DistillConfig,
+                  device: torch.device | None = None) -> float:
     """Mean test accuracy of the current set under the evaluation protocol (periodic evaluation)."""
     eval_config = EvalConfig(model=config.eval_model, epochs=config.eval_epochs, runs=config.eval_runs,
-                             seed=config.seed, device=config.device)
+                             seed=config.seed, device=str(device) if device is not None else config.device)
     return evaluate_set(snapshot, real, eval_config, progress=False).mean

@@ -39,6 +39,7 @@ from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
 from infodistill.files import atomic_path
 from infodistill.models import build_model, model_names_help, parse_model_name
+from infodistill.parallel import ProcessGroup, all_gather_objects, rank_device
 
 AUGMENTATIONS = ("dsa", "none")
 LR_SCHEDULES = ("half", "constant", "cosine")
@@ -344,9 +345,13 @@ def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 
 def evaluate_set(
-    distilled: DistilledSet, real: RealData, config: EvalConfig, progress: bool = True
+    distilled: DistilledSet, real: RealData, config: EvalConfig, progress: bool = True,
+    run_indices: Sequence[int] | None = None,
 ) -> EvalResult:
-    """Score a distilled (or selected) set with the protocol: N runs from scratch, real test set."""
+    """Score a distilled (or selected) set with the protocol: N runs from scratch, real test set.
+
+    ``run_indices`` trains only those of the ``config.runs`` runs (each with its own seed from
+    :func:`run_seeds`), e.g. the share of one process; the result lists them in the given order."""
     config.validate()
     check_set_fits(distilled, real.info)
     if "zca" in distilled.metadata.extra:
@@ -361,6 +366,10 @@ def evaluate_set(
     learned_lr = config.use_learned_lr and distilled.lr is not None
     lr = float(distilled.lr.item()) if learned_lr else config.lr
     seeds = run_seeds(config.seed, config.runs)
+    if run_indices is not None:
+        if any(not 0 <= index < config.runs for index in run_indices):
+            raise UserInputError(f"run indices {list(run_indices)} must lie in 0..{config.runs - 1}")
+        seeds = [seeds[index] for index in run_indices]
     models, together = train_from_scratch(distilled.images, targets, real.info.num_classes, config, seeds,
                                           lr=lr, progress=progress)
     test_images, test_labels = real.test_tensors()
@@ -452,6 +461,12 @@ def evaluate_models(
     replaced, so every entry equals that model evaluated alone. All names, the settings and the set's
     fit to the data (including whether each model can take the images) are checked before any training.
     """
+    configs = _model_configs(distilled, real, config, models)
+    return [evaluate_set(distilled, real, model_config, progress=progress) for model_config in configs]
+
+
+def _model_configs(distilled: DistilledSet, real: RealData, config: EvalConfig, models: Sequence[str]) -> list[EvalConfig]:
+    """``config`` for each model, after checking the names, the settings and that each model takes the set."""
     names = check_model_names(models)
     configs = [replace(config, model=name) for name in names]
     for model_config in configs:
@@ -459,7 +474,48 @@ def evaluate_models(
     check_set_fits(distilled, real.info)
     for name in names:
         _check_buildable(name, distilled, real.info.num_classes)
-    return [evaluate_set(distilled, real, model_config, progress=progress) for model_config in configs]
+    return configs
+
+
+def check_evaluation_processes(processes: int, models: int, runs: int) -> None:
+    """Refuse more processes than (model, run) jobs: a process would have nothing to train."""
+    if processes > models * runs:
+        raise UserInputError(f"{processes} processes is more than the {models * runs} (model, run) jobs "
+                             f"({models} model(s) x {runs} run(s)); use at most {models * runs}")
+
+
+def evaluate_spread(
+    distilled: DistilledSet,
+    real: RealData,
+    config: EvalConfig,
+    models: Sequence[str],
+    group: ProcessGroup,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """:func:`evaluate_models` over the processes of ``group`` (every process calls it alike).
+
+    The (model, run) jobs go to the processes round-robin; each process trains its runs one at a time
+    (``batched`` off), each run with its seed from :func:`run_seeds`, so every run is the one a single
+    process trains sequentially. The results are gathered and every process returns the same list;
+    only ``seconds`` (the wall time of the whole evaluation) and ``batched`` (False) may differ from a
+    one-process evaluation, which trains the runs together on GPUs."""
+    started = time.perf_counter()
+    configs = _model_configs(distilled, real, config, models)
+    check_evaluation_processes(group.world_size, len(configs), config.runs)
+    device = str(rank_device(group, resolve_device(config.device)))
+    jobs = [(model, run) for model in range(len(configs)) for run in range(config.runs)]
+    mine = [(model, run, evaluate_set(distilled, real, replace(configs[model], batched="off", device=device),
+                                      progress=progress, run_indices=[run]))
+            for model, run in jobs[group.rank :: group.world_size]]
+    finished = sorted((job for part in all_gather_objects(group, mine) for job in part), key=lambda job: job[:2])
+    seconds = time.perf_counter() - started
+    results = []
+    for model in range(len(configs)):
+        runs = [result for index, _, result in finished if index == model]
+        results.append(replace(runs[0], accuracies=[a for result in runs for a in result.accuracies],
+                               seeds=[seed for result in runs for seed in result.seeds], batched=False,
+                               seconds=seconds))
+    return results
 
 
 def evaluation_payload(set_path: str | Path, results: Sequence[EvalResult]) -> dict:

@@ -43,6 +43,13 @@ class DistillContext:
     augment: DSA | None
     device: torch.device
     model_name: str
+    classes: tuple[int, ...] | None = None
+    """The classes whose losses this process computes (a run split over processes, see
+    ``docs/distributed.md``); None: every class. Only methods with ``class_decomposable`` see a subset."""
+
+    def owned_classes(self) -> list[int]:
+        """The classes this process computes losses for, in order (all of them in a one-process run)."""
+        return list(range(self.synthetic.num_classes)) if self.classes is None else list(self.classes)
 
     def fresh_network(self) -> torch.nn.Module:
         """A randomly initialised matching network (seeded from this iteration's generator)."""
@@ -55,12 +62,22 @@ class DistillContext:
 
     def paired_class_batches(self, batch_real: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per class: a real batch of up to ``batch_real`` images and the class's synthetic images,
-        both transformed by one shared DSA draw when augmenting (siamese)."""
+        both transformed by one shared DSA draw when augmenting (siamese).
+
+        Only the classes of :meth:`owned_classes` are returned (in order), but the random draws of
+        every class are made, so all processes of a split run stay in step with a one-process run."""
         synthetic = self.synthetic.images_by_class()
         real_by_class: list[torch.Tensor] = []
         synthetic_by_class: list[torch.Tensor] = []
+        owned = None if self.classes is None else set(self.classes)
         for label in range(self.synthetic.num_classes):
-            real = self.sampler.sample(label, min(batch_real, self.sampler.class_count(label)), self.generator)
+            count = min(batch_real, self.sampler.class_count(label))
+            if owned is not None and label not in owned:
+                self.sampler.skip(label, count, self.generator)
+                if self.augment is not None:  # the draw DSA.siamese makes: one parameter set of batch 1
+                    self.augment.sample(1, tuple(synthetic.shape[-2:]), self.generator)
+                continue
+            real = self.sampler.sample(label, count, self.generator)
             syn = synthetic[label]
             if self.augment is not None:
                 real, syn = self.augment.siamese([real, syn], self.generator)
@@ -143,6 +160,22 @@ class Method(ABC):
     with real data (MIM) do not apply to them."""
     clips_to_pixel_range: ClassVar[bool] = False
     """True for methods that clip images to the pixel range, which whitened (ZCA) images do not have."""
+    class_decomposable: ClassVar[bool] = False
+    """True when the matching loss is a sum of per-class terms, each depending only on its own class's
+    synthetic images, and every random draw is made from the context's generator whatever
+    ``context.classes`` is: a run can then split the classes over processes
+    (``docs/distributed.md``). Such a method computes only the classes of ``context.owned_classes()``
+    and learns no tensors beside the set."""
+    resumable_with_other_process_count: ClassVar[bool] = True
+    """False when a checkpoint of this method is only valid for the process count that wrote it (a
+    decomposition whose state is not the full set); resuming with another count is then refused."""
+
+    @classmethod
+    def class_split_problem(cls, model_name: str) -> str | None:
+        """Why this method cannot split its classes over processes with network ``model_name``, or None."""
+        if not cls.class_decomposable:
+            return f"method '{cls.name}' does not split its classes over processes yet"
+        return None
 
     @staticmethod
     @abstractmethod

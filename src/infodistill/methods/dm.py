@@ -26,6 +26,7 @@ from infodistill.methods.base import (
     MethodDefaults,
     register_method,
 )
+from infodistill.models import parse_model_name
 
 ClassBatches = Sequence[Tensor] | Tensor
 """Per-class image batches: a list (class c at position c; sizes may differ) or a K x n x C x H x W tensor."""
@@ -56,6 +57,17 @@ class DistributionMatching(Method):
     their activations are kept for the backward pass either way.
     """
 
+    class_decomposable = True
+
+    @classmethod
+    def class_split_problem(cls, model_name: str) -> str | None:
+        """DM splits its classes over processes unless the network has batch norm, whose batch statistics
+        mix the classes embedded in one forward pass."""
+        if parse_model_name(model_name).norm == "bn":
+            return (f"DM with batch-norm network '{model_name}' does not split its classes over processes: batch "
+                    "statistics mix the classes of one forward pass; use an instance-norm or norm-free network")
+        return None
+
     def __init__(
         self,
         batch_real: int = 256,
@@ -80,7 +92,7 @@ class DistributionMatching(Method):
         return MethodDefaults(iterations=20000, lr_images=1.0, momentum_images=0.5, batch_real=256, augment=True)
 
     def iteration(self, context: DistillContext) -> Iterator[Tensor]:
-        """One random network, one loss over all classes, one image update."""
+        """One random network, one loss over all classes (those of ``context.owned_classes()``), one image update."""
         network = context.fresh_network()
         network.train()
         network.requires_grad_(False)

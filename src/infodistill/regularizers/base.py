@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 
@@ -11,7 +12,17 @@ class Regularizer(ABC):
     """A loss term over labelled synthetic images, independent of the distillation method."""
 
     name: str = "regularizer"
+    class_decomposable: ClassVar[bool] = False
+    """True when the loss over the whole set is a sum of per-class parts, each depending only on its
+    class's images, so that a run split over processes can compute it class by class (:meth:`class_share`)."""
 
     @abstractmethod
     def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scalar loss over (images, labels); ``generator`` supplies any randomness (e.g. proxy choice)."""
+
+    def class_share(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                    total_samples: int, total_classes: int) -> torch.Tensor:
+        """The part of :meth:`loss` carried by the classes present in (images, labels), a subset of a set of
+        ``total_samples`` images in ``total_classes`` classes: over a partition of the classes the parts
+        sum to the loss of the whole set. It makes the same random draws as :meth:`loss`."""
+        raise NotImplementedError(f"regularizer '{self.name}' does not split over classes")

@@ -26,7 +26,7 @@ are applied by the distillation loop, not here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,25 @@ def cmi_from_features(features: Tensor, labels: Tensor, num_classes: int, per_cl
     return class_means.mean(dim=-1)
 
 
+def cmi_share_from_features(features: Tensor, labels: Tensor, num_classes: int, total_samples: int,
+                            total_classes: int, per_class: bool = False) -> Tensor:
+    """The part of a set's CMI carried by the samples of (features, labels), whole classes of a set of
+    ``total_samples`` samples in ``total_classes`` (non-empty) classes.
+
+    A sample's KL(P_s || Q_y) depends only on the samples of its own class, so the CMI splits exactly
+    over classes: ``per_class=False``: the sum of these samples' KL divided by ``total_samples``;
+    ``per_class=True``: the sum of these classes' mean KL divided by ``total_classes``. Over a
+    partition of the classes the shares sum to :func:`cmi_from_features` of the whole set.
+    """
+    kl = per_sample_kl(features, labels, num_classes)                           # ... x N
+    if not per_class:
+        return kl.sum(dim=-1) / total_samples
+    one_hot = F.one_hot(labels.to(device=kl.device, dtype=torch.int64), num_classes).to(kl.dtype)
+    counts = one_hot.sum(dim=0)
+    present = counts > 0
+    return ((kl @ one_hot)[..., present] / counts[present]).sum(dim=-1) / total_classes
+
+
 def empirical_cmi(
     proxy: nn.Module, images: Tensor, labels: Tensor, num_classes: int, per_class: bool = False
 ) -> Tensor:
@@ -164,20 +183,33 @@ class CMIRegularizer(Regularizer):
         self.vectorised = vectorise_proxies(batched, pool.device)
         self.last_indices: tuple[int, ...] = ()
 
+    class_decomposable = True
+
     def loss(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
         """CMI of (images, labels) under the proxy (or the mean over the k proxies) drawn with ``generator``."""
         num_classes = self.pool.num_classes
+        return self._over_drawn_proxies(images, generator, lambda features: cmi_from_features(
+            features, labels, num_classes, per_class=self.per_class))
+
+    def class_share(self, images: Tensor, labels: Tensor, generator: torch.Generator, total_samples: int,
+                    total_classes: int) -> Tensor:
+        """The share of these classes in the CMI of the whole set (:func:`cmi_share_from_features`), under
+        the same proxy draw as :meth:`loss`."""
+        num_classes = self.pool.num_classes
+        return self._over_drawn_proxies(images, generator, lambda features: cmi_share_from_features(
+            features, labels, num_classes, total_samples, total_classes, per_class=self.per_class))
+
+    def _over_drawn_proxies(self, images: Tensor, generator: torch.Generator,
+                            value: Callable[[Tensor], Tensor]) -> Tensor:
+        """``value`` of the drawn proxy's features of ``images``, or its mean over the k drawn proxies."""
         if self.proxies_per_step == 1:
             index = self.pool.sample_index(generator)
             self.last_indices = (index,)
-            return empirical_cmi(self.pool[index], images, labels, num_classes, per_class=self.per_class)
+            return value(self.pool[index].embed(images))
         indices = self.pool.sample_indices(self.proxies_per_step, generator)
         self.last_indices = tuple(indices)
         if self.vectorised:
-            values = cmi_per_proxy(self.pool.stacked(indices), images, labels, num_classes, per_class=self.per_class)
+            values = value(self.pool.stacked(indices).embed(images))
         else:
-            values = torch.stack([
-                empirical_cmi(self.pool[index], images, labels, num_classes, per_class=self.per_class)
-                for index in indices
-            ])
+            values = torch.stack([value(self.pool[index].embed(images)) for index in indices])
         return values.mean()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,11 @@ class SyntheticSet(nn.Module):
 
     labels: torch.Tensor
     name: str = "set"
+    rows_by_class: ClassVar[bool] = True
+    """Every stored tensor holds its rows class by class (class 0 first, equally many per class), and a
+    class's images decode from its own rows alone. A run split over processes relies on it to step and
+    gather each class's rows (``docs/distributed.md``); a parameterisation whose stored tensors mix
+    classes (a shared basis) sets False and is refused there."""
 
     def __init__(self, num_classes: int, images_per_class: int) -> None:
         super().__init__()
@@ -53,6 +58,14 @@ class SyntheticSet(nn.Module):
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors to keep in the artefact beside the decoded images (none for pixels)."""
         return {name: parameter.detach() for name, parameter in self.named_parameters()}
+
+    def class_rows(self, tensor: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+        """The rows of the contiguous ``classes`` in a stored tensor (or in one of its shape, e.g. its momentum)."""
+        rows, remainder = divmod(tensor.shape[0], self.num_classes)
+        if remainder or not classes or list(classes) != list(range(classes[0], classes[0] + len(classes))):
+            raise ValueError(f"cannot take rows of classes {list(classes)} from a tensor of shape {list(tensor.shape)} "
+                             f"holding {self.num_classes} classes")
+        return tensor[classes[0] * rows : (classes[-1] + 1) * rows]
 
     def images_by_class(self) -> torch.Tensor:
         """Decoded images grouped per class: classes x images_per_class x C x H x W."""
