@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infodistill.errors import UserInputError
+from infodistill.precision import autocast_disabled
 
 __all__ = ["DSA", "DSAConfig", "DSAParams", "FAMILIES", "MODES"]
 
@@ -401,6 +402,10 @@ class DSA:
                 f"DSA.apply: parameters for batch {params.batch_size} cannot apply to batch {x.shape[0]}; "
                 "use batch 1 (shared) or the same batch size"
             )
+        with autocast_disabled(x.device):  # augmentation is data handling: float32 also under mixed precision
+            return self._apply(x, params)
+
+    def _apply(self, x: Tensor, params: DSAParams) -> Tensor:
         pending_theta: Tensor | None = None  # composed affine map of consecutive affine families
         for name in params.families:
             family = _REGISTRY[name]

@@ -53,6 +53,7 @@ from infodistill.parallel import (
     rank_device,
     shutdown,
 )
+from infodistill.precision import PRECISIONS
 from infodistill.continual import command_continual, configure_continual_parser
 from infodistill.report import command_report, configure_report_parser
 from infodistill.sweep import command_sweep, configure_sweep_parser
@@ -162,7 +163,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
         "batched": args.batched, "device": args.device,
         "use_soft_labels": False if args.hard_labels else None,
         "use_learned_lr": False if args.ignore_learned_lr else None,
-        "recipe": args.recipe,
+        "recipe": args.recipe, "precision": args.precision,
     }
     if args.nproc is not None:
         check_nproc(args.nproc)
@@ -216,7 +217,8 @@ def _distill_overrides(args: argparse.Namespace) -> dict:
              "experts", "zca", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
              "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "ema_decay", "rank", "optimizer",
              "lr_schedule", "teacher", "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight", "jitter",
-             "dwa_rho", "dwa_steps", "mim_weight", "mim_temperature", "mim_layers", "mim_real_per_class", "mim_lr")
+             "dwa_rho", "dwa_steps", "mim_weight", "mim_temperature", "mim_layers", "mim_real_per_class", "mim_lr",
+             "precision")
     values = {name: getattr(args, name) for name in names}
     values["augment"] = args.augment
     return values
@@ -419,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "soft labels (default: auto = kd for sets relabelled by a teacher)")
     evaluate.add_argument("--seed", type=int, help=f"base seed of the runs (default: {defaults.seed})")
     evaluate.add_argument("--device", metavar="cpu|cuda", help=f"device (default: {defaults.device})")
+    evaluate.add_argument("--precision", choices=PRECISIONS,
+                          help="arithmetic of the training and test forward passes: bf16 runs them under autocast, "
+                               f"the weights and the optimiser stay float32 (default: {defaults.precision})")
     evaluate.add_argument("--config", metavar="FILE.yaml", help="YAML file with evaluation settings (flags win)")
     evaluate.add_argument("--out", type=_json_path, metavar="FILE.json",
                           help="also write the results as FILE.json ({set, dataset, results: [...]}) and FILE.csv")
@@ -509,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="average CMI over K random proxies per step (default: 1, the paper's rule)")
     distill.add_argument("--seed", type=int, help="seed of the run (default: 0)")
     distill.add_argument("--device", metavar="cpu|cuda", help="device (default: cpu)")
+    distill.add_argument("--precision", choices=PRECISIONS,
+                         help="arithmetic of the networks' forward passes: bf16 runs them under autocast, the images "
+                              "and the optimiser stay float32; fixed for a run (docs/precision.md) (default: fp32)")
     distill.add_argument("--checkpoint-every", type=int, metavar="N", help="iterations between checkpoints (default: 100)")
     distill.add_argument("--eval-every", type=int, metavar="N", help="evaluate the set every N iterations (default: 0, off)")
     distill.add_argument("--monitor-every", type=int, metavar="N",

@@ -61,6 +61,7 @@ from infodistill.parallel import (
     rank_device,
 )
 from infodistill.pools import LoadCache, ProxyPool, load_proxy_pool
+from infodistill.precision import autocast_context, check_precision, to_fp32
 from infodistill.regularizers import CMIRegularizer, MIMRegularizer, Regularizer
 from infodistill.synthetic import (
     INITS,
@@ -78,6 +79,9 @@ METRICS_NAME = "metrics.jsonl"
 # Settings that may differ between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "eval_every", "eval_epochs", "eval_runs", "eval_model",
                      "monitor_every", "device", "data_root")
+SETTINGS_OF_OLDER_RUNS = {"precision": "fp32"}
+"""Settings added after checkpoints were first written, with the value that runs written before them used
+(a checkpoint without the key is compared with this value on resume)."""
 
 
 METHOD_OPTIONS = ("outer_loop", "inner_loop", "net_steps", "batch_net", "match_metric", "experts", "syn_steps",
@@ -151,6 +155,7 @@ class DistillConfig:
     cmi_proxies_per_step: int = 1
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"
     data_root: str | None = None
     checkpoint_every: int = 100
     eval_every: int = 0
@@ -225,6 +230,7 @@ class DistillConfig:
             raise UserInputError("a CMI weight needs a proxy pool: pass --proxies DIR (build one with `infodistill proxies`)")
         self._check_method_options()
         resolve_device(self.device)
+        check_precision(self.precision)
 
     def _check_method_options(self) -> None:
         """Refuse a method-specific setting given to a method that does not use it (e.g. learned soft
@@ -385,19 +391,21 @@ def plan_class_split(config: DistillConfig, world_size: int, num_classes: int) -
     return partition_classes(num_classes, world_size)
 
 
-def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: DistillContext, fraction: float) -> float:
+def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: DistillContext, fraction: float,
+                         precision: str = "fp32") -> float:
     """The 'auto' rule: lambda such that lambda * CMI = fraction * matching loss on the initial set.
 
     The matching loss is the method's first loss on the initial synthetic set; CMI is the mean over
     the whole proxy pool (not one random draw), so the weight does not hinge on one proxy.
     Drawn from a separate random stream, so calibrating does not change the run's iterations.
+    Both are computed in the run's ``precision``.
     """
-    losses = method.iteration(context)
+    losses = computed_in(precision, context.device, method.iteration(context))
     first = next(losses)
     matching = float((first.loss if isinstance(first, ClassUpdate) else first).detach())
     losses.close()
     synthetic = context.synthetic
-    with torch.no_grad():
+    with torch.no_grad(), autocast_context(precision, context.device):
         cmi = float(regularizer.pool.cmi(synthetic.images(), synthetic.labels, synthetic.num_classes).mean())
     if cmi <= 0:
         raise UserInputError("cmi_weight 'auto' cannot calibrate: the initial set's CMI is 0 "
@@ -451,34 +459,60 @@ def _summed_over_processes(values: dict[str, torch.Tensor], group: ProcessGroup)
     return dict(zip(values, summed.tolist()))
 
 
+def computed_in(precision: str, device: torch.device | str, steps: Iterator[Any]) -> Iterator[Any]:
+    """The items of ``steps`` (a method's iteration), each computed in ``precision``: the generator is
+    advanced inside :func:`~infodistill.precision.autocast_context`, and left outside it between items
+    (where the loop steps the optimiser)."""
+    try:
+        while True:
+            with autocast_context(precision, device):
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        close = getattr(steps, "close", None)  # a generator: let it finish as when iterated directly
+        if close is not None:
+            close()
+
+
 def run_iteration(method: Method, terms: list[RegularizerTerm], context: DistillContext,
                   optimizer: torch.optim.Optimizer, average: ImageAverage | None = None,
-                  group: ProcessGroup = SINGLE_PROCESS) -> dict[str, float]:
+                  group: ProcessGroup = SINGLE_PROCESS, precision: str = "fp32") -> dict[str, float]:
     """One iteration: for every matching loss the method yields, add the active regularizers and
     update the images (and the method's learned tensors). For a :class:`ClassUpdate` the regularizers
     see that class's images only. Returns each loss term averaged over the iteration's updates.
 
     In a run split by class (``context.classes`` set) the method's loss and each regularizer's
     :meth:`~infodistill.regularizers.Regularizer.class_share` cover this process's classes; the
-    logged terms, and the divergence check, are their sums over the processes of ``group``."""
+    logged terms, and the divergence check, are their sums over the processes of ``group``.
+
+    ``precision``: the method's and the regularizers' forward passes run in it (``docs/precision.md``);
+    every loss term is float32 before it is weighted, summed and logged, and the backward pass and the
+    optimiser step run outside autocast on the float32 tensors."""
     synthetic = context.synthetic
     classes = getattr(context, "classes", None)  # a minimal context (tests) need not carry it
+    device = getattr(context, "device", torch.device("cpu"))  # nor its device
     learned = [p for param_group in optimizer.param_groups for p in param_group["params"]]
     sums: dict[str, float] = {}
     updates = 0
-    for step in method.iteration(context):
+    for step in computed_in(precision, device, method.iteration(context)):
         matching, label = (step.loss, step.label) if isinstance(step, ClassUpdate) else (step, None)
+        matching = to_fp32(matching)
         values = {f"loss/{method.name}": matching}
         total = matching
         active = [term for term in terms if term.active(context.iteration)]
         if active:
             images, labels = _regularized_images(synthetic, label, classes)
             for term in active:
-                if classes is None or label is not None:
-                    value = term.regularizer.loss(images, labels, context.generator)
-                else:
-                    value = term.regularizer.class_share(images, labels, context.generator, len(synthetic.labels),
-                                                         synthetic.num_classes)
+                with autocast_context(precision, device):
+                    if classes is None or label is not None:
+                        value = term.regularizer.loss(images, labels, context.generator)
+                    else:
+                        value = term.regularizer.class_share(images, labels, context.generator,
+                                                             len(synthetic.labels), synthetic.num_classes)
+                value = to_fp32(value)
                 values[f"loss/{term.name}"] = value
                 total = total + term.weight * value
         values["loss/total"] = total
@@ -570,6 +604,7 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint") from None
     current = dataclasses.asdict(config)
+    stored = {**{key: value for key, value in SETTINGS_OF_OLDER_RUNS.items() if key in current}, **stored}
     for key, value in stored.items():
         if key not in RESUMABLE_CHANGES and current.get(key) != value:
             raise UserInputError(
@@ -643,6 +678,8 @@ def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, floa
         extra["experts"] = str(config.experts)
     if config.ema_decay:
         extra["ema_decay"] = repr(config.ema_decay)
+    if config.precision != "fp32":  # fp32 artefacts stay as they were before the setting existed
+        extra["precision"] = config.precision
     if "cmi" in weights:
         extra.update({"proxies": str(config.proxies), "cmi_every": str(config.cmi_every),
                       "cmi_proxies_per_step": str(config.cmi_proxies_per_step)})
@@ -795,7 +832,8 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
             # The global first loss over every class, computed whole by every process (no split): the same
             # number, bit for bit, as in a one-process run.
             context = make_context(config, 0, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
-            weights = {"cmi": calibrate_cmi_weight(method, pool_regularizer, context, config.cmi_auto_fraction)}
+            weights = {"cmi": calibrate_cmi_weight(method, pool_regularizer, context, config.cmi_auto_fraction,
+                                                   config.precision)}
             if writer:
                 log.info("cmi_weight auto: lambda = %.6g", weights["cmi"])
         else:
@@ -822,7 +860,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
             for param_group in optimizer.param_groups:
                 param_group["lr"] = param_group["base_lr"] * factor
             try:
-                logged = run_iteration(method, terms, context, optimizer, average, group)
+                logged = run_iteration(method, terms, context, optimizer, average, group, config.precision)
             except LossDiverged as diverged:
                 kept = (f"the last good checkpoint (iteration {last_good}) is kept in '{files.checkpoint}'"
                         if files.checkpoint.exists() else "no checkpoint was written yet")

@@ -40,6 +40,7 @@ from infodistill.errors import UserInputError
 from infodistill.files import atomic_path
 from infodistill.models import build_model, model_names_help, parse_model_name
 from infodistill.parallel import ProcessGroup, all_gather_objects, rank_device
+from infodistill.precision import autocast_context, check_precision, to_fp32
 
 AUGMENTATIONS = ("dsa", "none")
 LR_SCHEDULES = ("half", "constant", "cosine")
@@ -76,6 +77,7 @@ class EvalConfig:
     optimizer: str = "sgd"
     temperature: float = 1.0
     recipe: str = "auto"
+    precision: str = "fp32"
 
     def validate(self) -> None:
         """Refuse values outside their range, naming the value and what is allowed."""
@@ -104,6 +106,10 @@ class EvalConfig:
             raise UserInputError(f"batched '{self.batched}' is not one of: {', '.join(BATCHED_CHOICES)}")
         parse_model_name(self.model)
         resolve_device(self.device)
+        check_precision(self.precision)
+        if self.batched == "on" and self.precision != "fp32":
+            raise UserInputError(f"batched 'on' cannot compute in {self.precision}: autocast does not reach the "
+                                 "convolutions of the vectorised (vmap) training; use batched 'auto' or 'off'")
 
 
 @dataclass
@@ -125,6 +131,7 @@ class EvalResult:
     learned_lr: bool = False
     recipe: str = "protocol"
     temperature: float = 1.0
+    precision: str = "fp32"
 
     @property
     def mean(self) -> float:
@@ -146,7 +153,9 @@ class EvalResult:
         return (
             f"{self.model} on {self.dataset} ({self.test_size} test images), {len(self.accuracies)} runs x "
             f"{self.epochs} epochs, {self.train_size} training images, {labels}, "
-            f"augmentation {self.augmentation}, {lr}: {self.mean:.2f} +- {self.std:.2f} %"
+            f"augmentation {self.augmentation}, {lr}"
+            + (f", {self.precision} compute" if self.precision != "fp32" else "")
+            + f": {self.mean:.2f} +- {self.std:.2f} %"
         )
 
 
@@ -240,7 +249,10 @@ def _train_sequential(models: Sequence[nn.Module], job: _TrainingJob) -> None:
         for epoch in range(config.epochs):
             _set_lr(optimizer, lr_at_epoch(lr, epoch, config.epochs, config.lr_schedule))
             for index in _minibatches(len(images), config.batch_size, generator):
-                loss = _run_loss(model(job.augmented(index, generator)), targets[index], config.temperature)
+                batch = job.augmented(index, generator)
+                with autocast_context(config.precision, images.device):
+                    logits = to_fp32(model(batch))
+                loss = _run_loss(logits, targets[index], config.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -269,7 +281,7 @@ def _train_together(models: Sequence[nn.Module], job: _TrainingJob) -> None:
         schedules = [_minibatches(len(images), config.batch_size, generator) for generator in generators]
         for step_indices in zip(*schedules):
             batches = [job.augmented(index, generator) for index, generator in zip(step_indices, generators)]
-            logits = forward_all(params, buffers, torch.stack(batches))
+            logits = forward_all(params, buffers, torch.stack(batches))  # float32 only (use_batched_training)
             step_targets = torch.stack([targets[index] for index in step_indices])
             per_sample = _run_loss(logits.flatten(0, 1), step_targets.flatten(0, 1), config.temperature, "none")
             loss = per_sample.view(runs, -1).mean(dim=1).sum()
@@ -287,8 +299,9 @@ def _train_together(models: Sequence[nn.Module], job: _TrainingJob) -> None:
 
 def use_batched_training(config: EvalConfig, device: torch.device) -> bool:
     """Whether to train the runs together. 'auto': on GPUs, where small batches leave the device idle;
-    on CPU the vectorised path measured slower than the plain one (benchmarks/README.md)."""
-    if config.batched == "off" or config.runs == 1:
+    on CPU the vectorised path measured slower than the plain one (benchmarks/README.md). Never in bf16:
+    autocast does not reach convolutions inside ``torch.func.vmap`` (they stayed float32, torch 2.14)."""
+    if config.batched == "off" or config.runs == 1 or config.precision != "fp32":
         return False
     if config.batched == "on":
         return True
@@ -311,6 +324,8 @@ def train_from_scratch(
     the run's initial weights, its minibatch order and its augmentation draws.
     ``after_epoch(run, epoch, model)`` is called after every epoch of every run (e.g. to record
     expert trajectories); it makes the runs train one after another.
+    ``config.precision``: the training forward passes compute in it (the backward pass follows them);
+    the weights and the optimiser stay float32 (``docs/precision.md``).
     Returns the models and whether they were trained together (vectorised).
     """
     device = resolve_device(config.device)
@@ -333,13 +348,17 @@ def train_from_scratch(
 
 
 @torch.no_grad()
-def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy in percent of ``model`` (put in eval mode) on a labelled set."""
+def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024,
+                  precision: str = "fp32") -> float:
+    """Top-1 accuracy in percent of ``model`` (put in eval mode) on a labelled set; the forward passes
+    compute in ``precision``."""
     model.eval()
     device = next(model.parameters()).device
     correct = 0
     for batch, batch_labels in zip(images.split(batch_size), labels.split(batch_size)):
-        predictions = model(batch.to(device)).argmax(dim=1)
+        with autocast_context(precision, device):
+            logits = model(batch.to(device))
+        predictions = logits.argmax(dim=1)
         correct += int((predictions == batch_labels.to(device)).sum())
     return 100.0 * correct / len(labels)
 
@@ -373,7 +392,8 @@ def evaluate_set(
     models, together = train_from_scratch(distilled.images, targets, real.info.num_classes, config, seeds,
                                           lr=lr, progress=progress)
     test_images, test_labels = real.test_tensors()
-    accuracies = [top1_accuracy(model, test_images, test_labels, config.test_batch_size) for model in models]
+    accuracies = [top1_accuracy(model, test_images, test_labels, config.test_batch_size, config.precision)
+                  for model in models]
     return EvalResult(
         model=config.model,
         dataset=real.info.name,
@@ -390,6 +410,7 @@ def evaluate_set(
         learned_lr=learned_lr,
         recipe="kd" if config.recipe == "kd" else "protocol",
         temperature=config.temperature,
+        precision=config.precision,
     )
 
 

@@ -27,6 +27,7 @@ from infodistill.methods.base import (
     register_method,
 )
 from infodistill.models import parse_model_name
+from infodistill.precision import to_fp32
 
 ClassBatches = Sequence[Tensor] | Tensor
 """Per-class image batches: a list (class c at position c; sizes may differ) or a K x n x C x H x W tensor."""
@@ -122,7 +123,7 @@ class DistributionMatching(Method):
     def _class_means(self, network: nn.Module, batches: ClassBatches, max_images: int | None) -> Tensor:
         """Mean embedding per class, ``K x D``, from as few forward passes as the settings allow."""
         if self.per_class_forward:
-            return torch.stack([network.embed(batch).flatten(1).mean(0) for batch in batches])
+            return torch.stack([to_fp32(network.embed(batch)).flatten(1).mean(0) for batch in batches])
         means = [_embed_means(network, group) for group in _class_groups(batches, max_images)]
         return means[0] if len(means) == 1 else torch.cat(means)
 
@@ -144,12 +145,13 @@ def _class_groups(batches: ClassBatches, max_images: int | None) -> list[ClassBa
 
 
 def _embed_means(network: nn.Module, batches: ClassBatches) -> Tensor:
-    """Embed all classes of ``batches`` in one forward pass; return the per-class means (``K x D``)."""
+    """Embed all classes of ``batches`` in one forward pass; return the per-class means (``K x D``).
+    Embeddings computed in bf16 (mixed precision) are averaged in float32."""
     if isinstance(batches, Tensor):
         classes, per_class = batches.shape[:2]
-        return network.embed(batches.flatten(0, 1)).reshape(classes, per_class, -1).mean(1)
+        return to_fp32(network.embed(batches.flatten(0, 1))).reshape(classes, per_class, -1).mean(1)
     sizes = [len(batch) for batch in batches]
-    embeddings = network.embed(torch.cat(list(batches))).flatten(1)
+    embeddings = to_fp32(network.embed(torch.cat(list(batches)))).flatten(1)
     if len(set(sizes)) == 1:
         return embeddings.view(len(sizes), sizes[0], -1).mean(1)
     return torch.stack([chunk.mean(0) for chunk in embeddings.split(sizes)])

@@ -97,7 +97,8 @@ def per_sample_kl(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     class_sums = one_hot.transpose(0, 1) @ (log_p - sample_shift).exp()         # ... x C x D
     counts = one_hot.sum(dim=0)                                                 # C
     log_q = class_sums.gather(-2, index).log() + sample_shift - counts[labels].log().unsqueeze(-1)
-    return (p * (log_p - log_q)).sum(dim=-1).to(features.dtype)
+    # at least float32: bf16 features (mixed precision) must not round the tiny KL values to bf16
+    return (p * (log_p - log_q)).sum(dim=-1).to(torch.promote_types(features.dtype, torch.float32))
 
 
 def cmi_from_features(features: Tensor, labels: Tensor, num_classes: int, per_class: bool = False) -> Tensor:

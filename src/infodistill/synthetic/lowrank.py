@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from infodistill.data import ClassSampler
 from infodistill.errors import UserInputError
+from infodistill.precision import autocast_disabled
 from infodistill.synthetic.base import SyntheticSet, register_parameterisation
 from infodistill.synthetic.pixels import check_init_and_shape
 
@@ -96,13 +97,15 @@ class LowRankSet(SyntheticSet):
         return synthetic
 
     def images(self) -> Tensor:
-        return self.factor_a @ self.factor_b
+        with autocast_disabled(self.factor_a.device):  # decoded in float32 also under mixed precision
+            return self.factor_a @ self.factor_b
 
     def class_images(self, label: int) -> Tensor:
         """The decoded images of one class, multiplying only that class's factors."""
         start = label * self.images_per_class
         end = start + self.images_per_class
-        return self.factor_a[start:end] @ self.factor_b[start:end]
+        with autocast_disabled(self.factor_a.device):
+            return self.factor_a[start:end] @ self.factor_b[start:end]
 
     def budget_floats(self) -> int:
         """Floats of the pixel set this one replaces: ``classes * stored_per_class * C * H * W``."""
