@@ -18,8 +18,9 @@ from report import emit_json  # benchmarks/report.py (scripts run from this fold
 BASELINE = {"mtt": "random-ipc10", "mtt+cmi": "random-ipc10", "datm": "random-ipc10", "datm+cmi": "random-ipc10",
             "idc": "random-ipc1", "idc+cmi": "random-ipc1", "dm-ipc1": "random-ipc1", "dm-lowrank": "random-ipc1",
             "dm-lowrank+cmi": "random-ipc1", "dm-ipc10": "random-ipc10", "dm+mim": "random-ipc10",
-            "sre2l": "random-ipc10-kd", "sre2l+cmi": "random-ipc10-kd", "dwa": "random-ipc10-kd"}
-BASE_METHOD = {"dm+mim": "dm-ipc10"}
+            "sre2l": "random-ipc10-kd", "sre2l+cmi": "random-ipc10-kd", "dwa": "random-ipc10-kd",
+            "sre2l+cmi1": "random-ipc10-kd", "dwa+cmi1": "random-ipc10-kd"}
+BASE_METHOD = {"dm+mim": "dm-ipc10", "sre2l+cmi1": "sre2l", "dwa+cmi1": "dwa"}
 """A regularised set's base run, where it is not the name without its ``+cmi``/``+mim`` suffix."""
 
 
@@ -44,7 +45,7 @@ def main() -> None:
                                  "above_baseline": results[name]["mean"] > results[baseline]["mean"]}
         base = BASE_METHOD.get(name, name.removesuffix("+cmi").removesuffix("+mim"))
         if name != base and name in results and base in results:
-            term = name.rsplit("+", 1)[1]
+            term = name.rsplit("+", 1)[1].rstrip("0123456789")
             comparisons[name][f"{term}_gain_points"] = round(results[name]["mean"] - results[base]["mean"], 2)
     benchmark = sys.argv[2] if len(sys.argv) > 2 else "trajectory_and_idc_accuracy"
     emit_json({"benchmark": benchmark, "results": results, "comparisons": comparisons}, str(out / "summary.json"))

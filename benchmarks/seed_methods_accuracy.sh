@@ -19,7 +19,9 @@ common=(--dataset fashion-mnist --model ConvNet-3-32 --batch-real 64 --seed 0 --
 evaluate() {  # evaluate RUN... : score each artefact once, skipping those already scored
   for run in "$@"; do
     name=${run%%/*}; name=${name%.safetensors}
-    [[ -f "$out/eval-$name.json" ]] || infodistill evaluate "$out/$run" "${eval_flags[@]}" > "$out/eval-$name.json"
+    # through a temporary file: an interrupted evaluation must not leave a file that looks finished
+    [[ -f "$out/eval-$name.json" ]] || { infodistill evaluate "$out/$run" "${eval_flags[@]}" > "$out/eval-$name.json.tmp" \
+      && mv "$out/eval-$name.json.tmp" "$out/eval-$name.json"; }
   done
 }
 
@@ -58,11 +60,16 @@ if [[ $part == recover || $part == all ]]; then
   [[ -f "$out/dwa/set.safetensors" ]] || infodistill distill --method dwa "${recover[@]}" --out "$out/dwa"
   [[ -f "$out/sre2l+cmi/set.safetensors" ]] || \
     infodistill distill --method sre2l "${recover[@]}" --proxies "$out/proxies" --cmi-weight auto --out "$out/sre2l+cmi"
+  # 'auto' calibrates lambda on the first loss, which from noise is ~1000x the converged one: also a fixed weight
+  for method in sre2l dwa; do
+    [[ -f "$out/$method+cmi1/set.safetensors" ]] || infodistill distill --method $method "${recover[@]}" \
+      --proxies "$out/proxies" --cmi-weight 1.0 --out "$out/$method+cmi1"
+  done
   [[ -f "$out/random-ipc10.safetensors" ]] || \
     infodistill baseline --ipc 10 --seed 0 --out "$out/random-ipc10.safetensors"
   # the fair baseline of a relabelled set: the same random subset with the teacher's soft labels
   [[ -f "$out/random-ipc10-kd.safetensors" ]] || \
     infodistill baseline --ipc 10 --seed 0 --teacher "$out/teacher" --out "$out/random-ipc10-kd.safetensors"
   evaluate random-ipc10.safetensors sre2l/set.safetensors dwa/set.safetensors sre2l+cmi/set.safetensors \
-    random-ipc10-kd.safetensors
+    random-ipc10-kd.safetensors sre2l+cmi1/set.safetensors dwa+cmi1/set.safetensors
 fi
