@@ -85,6 +85,13 @@ def test_fashion_mnist_found_in_debian_folder_without_configuration(clean_enviro
     assert data.train_images.dtype == torch.uint8
 
 
+def test_fashion_mnist_class_names_follow_the_datasets_label_table():
+    # the label table published with Fashion-MNIST: 7 is Sneaker and 8 is Bag (figures label rows by it)
+    names = dataset_info("fashion-mnist").class_names
+    assert names == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot")
+
+
 def test_truncated_idx_file_is_refused_naming_the_file(tmp_path, rng):
     raw = tmp_path / "MNIST" / "raw"
     fixtures.write_mnist_like(raw, rng, compress=False)

@@ -358,7 +358,7 @@ def command_cmi(args: argparse.Namespace) -> int:
         from infodistill.visualise import per_sample_cmi, save_ordered_grid
 
         kl = per_sample_cmi(pool, distilled.images, distilled.labels, distilled.num_classes)
-        save_ordered_grid(distilled, kl, args.ordered_grid)
+        save_ordered_grid(distilled, kl, args.ordered_grid, class_names=info.class_names)
     if args.json:
         payload = {"set": str(args.set), "proxies": str(args.proxies), "pool_size": len(values), "mean": mean,
                    "std": std, "per_proxy": [float(v) for v in values]}

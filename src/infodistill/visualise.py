@@ -11,6 +11,7 @@ regularizer pulls in. :func:`save_ordered_grid` draws each class as a row, lowes
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -83,12 +84,14 @@ def _spread(count: int, limit: int) -> list[int]:
     return sorted({round(step * (count - 1) / (limit - 1)) for step in range(limit)})
 
 
-def save_ordered_grid(distilled: DistilledSet, kl: Tensor, path: str | Path, max_per_class: int = 10) -> Path:
+def save_ordered_grid(distilled: DistilledSet, kl: Tensor, path: str | Path, max_per_class: int = 10,
+                      class_names: Sequence[str] | None = None) -> Path:
     """Write a PNG: one row per class (labelled with its name), its samples left to right by ascending
     KL to the class centroid, each titled with its KL (3 significant digits).
 
     A class with more than ``max_per_class`` samples shows that many, evenly spaced in KL rank so that
-    the lowest and the highest are always shown. The file is written atomically.
+    the lowest and the highest are always shown. Rows are labelled with ``class_names`` (the dataset's,
+    when the caller has them), else with the names stored in the set. The file is written atomically.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -111,7 +114,7 @@ def save_ordered_grid(distilled: DistilledSet, kl: Tensor, path: str | Path, max
     FigureCanvasAgg(figure)
     try:
         axes = figure.subplots(len(shown), columns, squeeze=False)
-        for row, (indices, name) in enumerate(zip(shown, distilled.metadata.classes)):
+        for row, (indices, name) in enumerate(zip(shown, class_names or distilled.metadata.classes)):
             for column in range(columns):
                 axis = axes[row][column]
                 axis.set_xticks([])

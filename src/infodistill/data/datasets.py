@@ -719,7 +719,7 @@ DATASET_REGISTRY: dict[str, DatasetSpec] = {
         DatasetSpec(
             info=DatasetInfo(
                 "fashion-mnist", 1, (28, 28), 10,
-                ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Bag", "Sneaker", "Ankle boot"),
+                ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
                 (0.2861,), (0.3530,),
             ),
             read=functools.partial(_read_idx_dataset, "FashionMNIST", _debian_fashion_mnist_folders),
