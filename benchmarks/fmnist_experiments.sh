@@ -26,9 +26,10 @@ if want convergence; then  # DM's curves come from the lambda sweep (it evaluate
 fi
 
 if want crossarch; then
-  run=cells/cmi_weight-100
-  [[ -f "$out/lambda/$run/cross-arch.json" ]] || infodistill evaluate "$out/lambda/$run/set.safetensors" \
-    --models ConvNet-3,AlexNet,VGG11,ResNet18 --epochs 300 --runs 1 --out "$out/lambda/$run/cross-arch.json"
+  for run in cells/cmi_weight-100 baseline-fashion-mnist-ipc10-seed0; do
+    [[ -f "$out/lambda/$run/cross-arch.json" ]] || infodistill evaluate "$out/lambda/$run/set.safetensors" \
+      --models ConvNet-3,AlexNet,VGG11,ResNet18 --epochs 100 --runs 1 --out "$out/lambda/$run/cross-arch.json"
+  done
 fi
 
 if want ordering; then
@@ -39,7 +40,7 @@ if want ordering; then
 fi
 
 if want continual; then
-  infodistill continual --method dm --ipc 10 --iterations 100 --epochs 200 --steps 5 --orders 2 \
+  infodistill continual --method dm --ipc 10 --iterations 100 --epochs 100 --steps 5 --orders 2 \
     --model ConvNet-3-32 --batch-real 64 --out "$out/continual" --quiet --json > "$out/continual.json"
 fi
 
