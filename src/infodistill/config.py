@@ -80,6 +80,8 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise UserInputError(f"config file '{path}' does not exist")
     try:
         loaded = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserInputError(f"cannot read config file '{path}': {getattr(error, 'strerror', None) or error}") from None
     except yaml.YAMLError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(f"config file '{path}' is not valid YAML: {first_line}") from None

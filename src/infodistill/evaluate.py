@@ -437,6 +437,8 @@ def random_subset(real: RealData, ipc: int, seed: int) -> DistilledSet:
 
 CSV_COLUMNS = ("model", "mean", "std", "runs", "epochs", "labels", "recipe", "accuracies")
 """Columns of the CSV written beside an evaluation.json; ``accuracies`` holds the runs joined by ';'."""
+EVALUATION_NAME = "evaluation.json"
+"""Where a run directory keeps its evaluation (the name ``sweep`` writes and ``report`` reads)."""
 
 
 def check_model_names(models: Sequence[str]) -> list[str]:

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from infodistill.artefact import DistilledSet, SetMetadata, load_set
+from infodistill.config import load_yaml_mapping
+from infodistill.distill import ARTEFACT_NAME as SET_NAME
+from infodistill.distill import CONFIG_NAME, METRICS_NAME
 from infodistill.errors import UserInputError
+from infodistill.evaluate import EVALUATION_NAME
 from infodistill.files import atomic_path
 
-SET_NAME = "set.safetensors"
-CONFIG_NAME = "config.yaml"
-METRICS_NAME = "metrics.jsonl"
-EVALUATION_NAME = "evaluation.json"
 BASELINE_METHOD = "random"
 FIGURES = {
     "losses": "losses.png",
@@ -122,23 +122,6 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserInputError(f"cannot read '{path}': {getattr(error, 'strerror', None) or error}") from None
-    except yaml.YAMLError as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserInputError(f"'{path}' is not valid YAML: {first}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UserInputError(f"'{path}' must hold a mapping of settings")
-    return loaded
-
-
 def _read_evaluation(path: Path) -> dict[str, Any]:
     try:
         loaded = json.loads(path.read_text())
@@ -178,7 +161,7 @@ def load_run(path: str | Path) -> RunRecord:
         if missing:
             raise UserInputError(f"run '{path}' is incomplete: no {' and no '.join(missing)} "
                                  "(did the run finish? resume it with --resume)")
-    config = _read_config(config_path) if config_path.is_file() else None
+    config = load_yaml_mapping(config_path) if config_path.is_file() else None
     metrics = _read_metrics(metrics_path) if metrics_path.is_file() else []
     evaluation_path = path / EVALUATION_NAME
     evaluation = _read_evaluation(evaluation_path) if evaluation_path.is_file() else None

@@ -42,12 +42,18 @@ from infodistill.config import config_from_mapping, load_yaml_mapping
 from infodistill.data import RealData, load_dataset
 from infodistill.distill import ARTEFACT_NAME, CHECKPOINT_NAME, DistillConfig, LossDiverged, distill, distill_config_from
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, EvalResult, evaluate_models, random_subset, write_evaluation
+from infodistill.evaluate import (
+    EVALUATION_NAME,
+    EvalConfig,
+    EvalResult,
+    evaluate_models,
+    random_subset,
+    write_evaluation,
+)
 from infodistill.files import atomic_path
 from infodistill.models import parse_model_name
 from infodistill.pools import LoadCache
 
-EVALUATION_NAME = "evaluation.json"
 SWEEP_SETTINGS_NAME = "sweep.yaml"
 SWEEP_STATE_NAME = "sweep.json"
 SECTIONS = ("distill", "grid", "evaluate", "baseline")
