@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +40,18 @@ from tqdm.auto import tqdm
 
 from infodistill.artefact import DistilledSet, SetMetadata, load_set, save_set
 from infodistill.data import ClassSampler, DatasetInfo, RealData, load_dataset
-from infodistill.distill import ARTEFACT_NAME, CHECKPOINT_NAME, DistillConfig, distill
+from infodistill.distill import (
+    ARTEFACT_NAME,
+    CHECKPOINT_NAME,
+    DistillConfig,
+    check_cmi_weight,
+    cmi_weight_active,
+    distill,
+    parse_cmi_weight,
+)
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
     EvalConfig,
-    resolve_device,
     run_seeds,
     top1_accuracy,
     train_from_scratch,
@@ -109,7 +115,7 @@ class ContinualConfig:
     @property
     def uses_cmi(self) -> bool:
         """Whether each step's distillation adds the CMI term (and so trains a proxy pool first)."""
-        return self.cmi_weight == "auto" or (isinstance(self.cmi_weight, (int, float)) and self.cmi_weight > 0)
+        return cmi_weight_active(self.cmi_weight)
 
     def validate(self) -> ContinualConfig:
         """Refuse values outside their range (those that do not depend on the dataset); return self."""
@@ -118,25 +124,14 @@ class ContinualConfig:
             raise UserInputError(f"method '{self.method}' needs expert trajectories or a teacher trained on all "
                                  f"classes, which class-incremental learning cannot have; choose one of: "
                                  f"{', '.join(supported_methods())}")
-        for name in ("ipc", "steps", "orders", "epochs", "proxy_epochs", "proxy_count"):
+        for name in ("steps", "orders", "epochs", "proxy_epochs", "proxy_count"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {value}")
-        for name in ("iterations", "batch_real"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise UserInputError(f"{name} must be a positive integer, got {value}")
-        if self.seed < 0:
-            raise UserInputError(f"seed must be >= 0, got {self.seed}")
-        weight = self.cmi_weight
-        if isinstance(weight, str) and weight != "auto":
-            raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{weight}'")
-        if isinstance(weight, (int, float)) and not (weight >= 0 and math.isfinite(weight)):
-            raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got {weight}")
-        parse_model_name(self.model)
+        check_cmi_weight(self.cmi_weight)
         parse_model_name(self.eval_model)
-        resolve_device(self.device)
-        self.distill_config(0, 0).validate()  # the method's own checks (e.g. batch_real)
+        # ipc, iterations, batch_real, seed, model, device: checked where the distillation checks them
+        self.distill_config(0, 0).validate()
         return self
 
     def check_fits(self, info: DatasetInfo, smallest_class: int) -> None:
@@ -444,16 +439,6 @@ def configure_continual_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"proxies per step's pool (default: {defaults.proxy_count})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print continual.json's content")
-
-
-def parse_cmi_weight(text: str | None) -> float | str | None:
-    """``None``, ``'auto'`` or a number; refuse anything else naming it."""
-    if text is None or text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{text}'") from None
 
 
 def continual_config_from_args(args: argparse.Namespace) -> ContinualConfig:

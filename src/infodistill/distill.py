@@ -205,11 +205,7 @@ class DistillConfig:
                 raise UserInputError(f"{name} must be positive, got {value}")
         if self.momentum_images is not None and not 0 <= self.momentum_images < 1:
             raise UserInputError(f"momentum_images must be in [0, 1), got {self.momentum_images}")
-        weight = self.cmi_weight
-        if isinstance(weight, str) and weight != "auto":
-            raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{weight}'")
-        if isinstance(weight, float) and not (weight >= 0 and np.isfinite(weight)):
-            raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got {weight}")
+        check_cmi_weight(self.cmi_weight)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise UserInputError(f"optimizer '{self.optimizer}' is not one of: {', '.join(OPTIMIZERS)}")
         if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
@@ -244,7 +240,7 @@ class DistillConfig:
 
     @property
     def uses_cmi(self) -> bool:
-        return self.cmi_weight == "auto" or (isinstance(self.cmi_weight, float) and self.cmi_weight > 0)
+        return cmi_weight_active(self.cmi_weight)
 
     def with_method_defaults(self) -> "DistillConfig":
         """The same config with every unset field filled from the method's published settings."""
@@ -258,13 +254,33 @@ class DistillConfig:
         return dataclasses.replace(self, **filled)
 
 
+def parse_cmi_weight(value: float | str | None) -> float | str | None:
+    """A CMI weight as given (a flag's text, a YAML value): None, ``'auto'`` or a number."""
+    if not isinstance(value, str) or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{value}'") from None
+
+
+def check_cmi_weight(weight: float | str | None) -> None:
+    """Refuse a CMI weight that is not None, ``'auto'`` or a finite number >= 0."""
+    if isinstance(weight, str) and weight != "auto":
+        raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{weight}'")
+    if isinstance(weight, (int, float)) and not (weight >= 0 and np.isfinite(weight)):
+        raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got {weight}")
+
+
+def cmi_weight_active(weight: float | str | None) -> bool:
+    """Whether a CMI weight turns the term on: ``'auto'`` or a number above 0."""
+    return weight == "auto" or (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0)
+
+
 def distill_config_from(values: dict[str, Any], source: str = "config") -> DistillConfig:
     """Build and check a :class:`DistillConfig` from a mapping (YAML file plus flags)."""
-    if isinstance(values.get("cmi_weight"), str) and values["cmi_weight"] != "auto":
-        try:
-            values = {**values, "cmi_weight": float(values["cmi_weight"])}
-        except ValueError:
-            raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got '{values['cmi_weight']}'") from None
+    if "cmi_weight" in values:
+        values = {**values, "cmi_weight": parse_cmi_weight(values["cmi_weight"])}
     return config_from_mapping(DistillConfig, values, source)
 
 
