@@ -45,7 +45,6 @@ from infodistill.errors import UserInputError
 from infodistill.evaluate import (
     EVALUATION_NAME,
     EvalConfig,
-    EvalResult,
     evaluate_models,
     random_subset,
     write_evaluation,
@@ -213,17 +212,18 @@ class Sweep:
         with atomic_path(self.out / SWEEP_STATE_NAME) as temporary:
             temporary.write_text(json.dumps({"cells": self.state, "sweep": self.spec.to_mapping()}, indent=2))
 
-    def _evaluate(self, run_dir: Path, real: RealData) -> list[EvalResult]:
+    def _evaluate(self, run_dir: Path, real: RealData) -> list[dict[str, Any]]:
+        """Score a run directory's set with every model; write and return its evaluation.json results."""
         artefact = run_dir / ARTEFACT_NAME
         results = evaluate_models(load_set(artefact), real, self.spec.evaluation, self.spec.models, progress=False)
         write_evaluation(run_dir / EVALUATION_NAME, artefact, results)
-        return results
+        return [result.to_dict() for result in results]
 
-    def _record(self, name: str, run_dir: Path, status: str, results: list[EvalResult] | None = None,
+    def _record(self, name: str, run_dir: Path, status: str, results: list[dict[str, Any]] | None = None,
                 values: dict[str, Any] | None = None, seconds: float = 0.0, error: str | None = None) -> None:
         entry: dict[str, Any] = {"dir": str(run_dir.relative_to(self.out)), "status": status, "values": values or {}}
         if results:
-            entry["accuracy"] = {result.model: {"mean": result.mean, "std": result.std} for result in results}
+            entry["accuracy"] = {result["model"]: {"mean": result["mean"], "std": result["std"]} for result in results}
         if seconds:
             entry["seconds"] = round(seconds, 2)
         if error:
@@ -231,13 +231,10 @@ class Sweep:
         self.state[name] = entry
         self._write_state()
 
-    def _finished(self, run_dir: Path) -> list[EvalResult] | None:
+    def _finished(self, run_dir: Path) -> list[dict[str, Any]] | None:
+        """The evaluation.json results of a finished run directory, None while it is not finished."""
         path = run_dir / EVALUATION_NAME
-        if not path.exists():
-            return None
-        payload = json.loads(path.read_text())
-        return [EvalResult(**{key: value for key, value in result.items() if key in EvalResult.__dataclass_fields__})
-                for result in payload["results"]]
+        return json.loads(path.read_text())["results"] if path.exists() else None
 
     def run_cell(self, cell: Cell) -> str:
         """Distil (or resume) and evaluate one cell; returns its status: done, skipped or failed."""
@@ -259,7 +256,7 @@ class Sweep:
         self._record(cell.name, run_dir, "done", results, cell.values, time.perf_counter() - started)
         return "done"
 
-    def run_baseline(self, config: DistillConfig) -> tuple[str, Path]:
+    def run_baseline(self, config: DistillConfig) -> None:
         """Write and score the random real subset of the cell's (dataset, ipc, seed) once."""
         dataset = re.sub(r"[^A-Za-z0-9]+", "-", config.dataset).strip("-")
         name = f"baseline-{dataset}-ipc{config.ipc}-seed{config.seed}"
@@ -267,31 +264,29 @@ class Sweep:
         finished = self._finished(run_dir)
         if finished is not None:
             self._record(name, run_dir, "skipped", finished)
-            return name, run_dir
+            return
         started = time.perf_counter()
         real = self.real(config)
         if not (run_dir / ARTEFACT_NAME).exists():
             save_set(random_subset(real, config.ipc, config.seed), run_dir / ARTEFACT_NAME)
         self._record(name, run_dir, "done", self._evaluate(run_dir, real), seconds=time.perf_counter() - started)
-        return name, run_dir
 
     def run(self) -> dict[str, Any]:
         """Every cell (and baseline), skipping finished ones; returns the state written to sweep.json."""
         cells = self.spec.cells()
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
-        baselines: dict[tuple, None] = {}
-        if self.spec.baseline:
-            for cell in cells:
-                baselines.setdefault((cell.config.dataset, cell.config.data_root, cell.config.ipc, cell.config.seed))
-        bar = tqdm(total=len(cells) + len(baselines), disable=not self.progress, desc="sweep", unit="cell")
+        def baseline_key(config: DistillConfig) -> tuple:
+            return config.dataset, config.data_root, config.ipc, config.seed
+
+        # one baseline per (dataset, ipc, seed), run just before the first cell that needs it
+        pending = {baseline_key(cell.config): cell.config for cell in cells} if self.spec.baseline else {}
+        bar = tqdm(total=len(cells) + len(pending), disable=not self.progress, desc="sweep", unit="cell")
         try:
-            done_baselines: set[tuple] = set()
             for cell in cells:
-                key = (cell.config.dataset, cell.config.data_root, cell.config.ipc, cell.config.seed)
-                if self.spec.baseline and key not in done_baselines:
-                    self.run_baseline(cell.config)
-                    done_baselines.add(key)
+                baseline = pending.pop(baseline_key(cell.config), None)
+                if baseline is not None:
+                    self.run_baseline(baseline)
                     bar.update()
                 bar.set_postfix_str(cell.name)
                 self.run_cell(cell)
