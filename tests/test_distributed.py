@@ -4,6 +4,7 @@ the same runs, a dead process ends the job with one clear line, bad process sett
 Runs in several processes start 2 gloo processes on CPU with ``infodistill ... --nproc 2`` (torchrun, standalone).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,13 +27,13 @@ from infodistill.distill import (
     distill,
     load_checkpoint,
     make_context,
-    plan_class_split,
+    plan_split,
     run_iteration,
 )
 from infodistill.errors import UserInputError
 from infodistill.methods import METHOD_REGISTRY, register_method
 from infodistill.methods.dm import DistributionMatching
-from infodistill.parallel import partition_classes, without_nproc
+from infodistill.parallel import partition, without_nproc
 from infodistill.pools import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
 
@@ -57,8 +58,8 @@ def run_command(*argv, env_extra=None, timeout=120):
 
 
 @pytest.mark.parametrize("classes, processes", [(10, 1), (10, 2), (10, 3), (10, 4), (7, 7), (3, 2)])
-def test_partition_classes_gives_contiguous_parts_differing_by_at_most_one(classes, processes):
-    parts = partition_classes(classes, processes)
+def test_partition_gives_contiguous_parts_differing_by_at_most_one(classes, processes):
+    parts = partition(classes, processes)
     assert len(parts) == processes and all(parts)
     assert [c for part in parts for c in part] == list(range(classes))  # contiguous, in order, each class once
     sizes = [len(part) for part in parts]
@@ -67,16 +68,18 @@ def test_partition_classes_gives_contiguous_parts_differing_by_at_most_one(class
 
 @pytest.mark.parametrize("classes, processes, fragment", [(10, 11, "more than the 10 classes"),
                                                           (10, 0, "positive integer")])
-def test_partition_classes_refuses_too_many_or_no_processes(classes, processes, fragment):
+def test_partition_refuses_too_many_or_no_processes(classes, processes, fragment):
     with pytest.raises(UserInputError, match=fragment):
-        partition_classes(classes, processes)
+        partition(classes, processes)
 
 
-def test_the_split_loss_and_its_gradients_add_up_to_the_whole_in_one_process(real, pool_dir):
-    """The decomposition itself, without processes: per part of the classes, DM + the CMI share; their sum is the
-    whole loss, and each part's gradient on its own classes' images is the whole loss's gradient there."""
-    config = DistillConfig(method="dm", ipc=3, iterations=1, model="ConvNet-1-8", batch_real=8, cmi_weight=100.0,
-                           proxies=str(pool_dir)).with_method_defaults()
+@pytest.mark.parametrize("method", ["dm", "dsa"])
+def test_the_split_loss_and_its_gradients_add_up_to_the_whole_in_one_process(real, pool_dir, method):
+    """The decomposition itself, without processes: per part of the classes, the method's loss + the CMI share;
+    their sum is the whole loss, and each part's gradient on its own classes' images is the whole loss's gradient
+    there (for gradient matching: each class matched with its own label, whatever part it is in)."""
+    config = DistillConfig(method=method, ipc=3, iterations=1, model="ConvNet-1-8", batch_real=8, cmi_weight=100.0,
+                           proxies=str(pool_dir), outer_loop=1 if method == "dsa" else None).with_method_defaults()
     images, labels = real.train_tensors()
     sampler = ClassSampler(images, labels, 10)
     pool = ProxyPool.load(pool_dir, real.info)
@@ -91,10 +94,10 @@ def test_the_split_loss_and_its_gradients_add_up_to_the_whole_in_one_process(rea
         return logged, parts.synthetic.pixels.grad.clone()
 
     whole, whole_grad = one_step(None)
-    split = [one_step(tuple(part)) for part in partition_classes(10, 3)]
+    split = [one_step(tuple(part)) for part in partition(10, 3)]
     for name in whole:
         assert sum(logged[name] for logged, _ in split) == pytest.approx(whole[name], rel=1e-5)
-    for part, (_, grad) in zip(partition_classes(10, 3), split):
+    for part, (_, grad) in zip(partition(10, 3), split):
         rows = slice(part[0] * 3, (part[-1] + 1) * 3)
         assert torch.equal(grad[rows], whole_grad[rows])
         outside = torch.ones(30, dtype=torch.bool)
@@ -183,8 +186,14 @@ def test_a_process_that_dies_ends_the_run_with_one_clear_line(striped_root, tmp_
     (["--nproc", "11"], {}, "11 processes is more than the 10 classes"),
     (["--nproc", "0"], {}, "--nproc must be a positive integer, got 0"),
     (["--nproc", "2"], {"WORLD_SIZE": "2"}, "cannot be used under torchrun (WORLD_SIZE=2"),
-    (["--nproc", "2", "--method", "dc"], {},
-     "method 'dc' does not split its classes over processes yet; in 2 processes the supported methods are: dm"),
+    (["--nproc", "2", "--method", "idc"], {}, "method 'idc' does not split over processes yet; in 2 processes the "
+                                              "supported methods are: datm, dc, dm, dsa, dwa, mtt, sre2l"),
+    (["--nproc", "2", "--method", "mtt", "--experts", "x"], {},
+     "2 processes is more than the 1 trajectories per iteration (--trajectories)"),
+    (["--nproc", "3", "--method", "sre2l", "--teacher", "x"], {}, "3 processes is more than the 2 images per class"),
+    (["--nproc", "2", "--method", "sre2l", "--teacher", "x", "--cmi-weight", "1", "--proxies", "x"], {},
+     "the CMI regularizer needs every image of a class"),
+    (["--nproc", "2", "--method", "sre2l", "--teacher", "x", "--param", "multi"], {}, "needs param 'pixels'"),
     (["--nproc", "2", "--model", "ConvNet-1-8-bn"], {}, "batch-norm network"),
     (["--nproc", "2", "--mim-weight", "1"], {}, "MIM regularizer does not split"),
     (["--nproc", "2", "--dist-timeout", "0"], {}, "--dist-timeout must be a positive number"),
@@ -214,11 +223,15 @@ def test_nproc_is_removed_from_the_command_the_processes_rerun():
     assert without_nproc(["distill", "--npr", "2"]) == ["distill"]  # an abbreviation argparse accepts
 
 
-def test_plan_names_the_supported_methods(striped_root):
-    assert plan_class_split(DistillConfig(method="dm", model="ConvNet-1-8"), 3, 10) == [[0, 1, 2, 3], [4, 5, 6],
-                                                                                       [7, 8, 9]]
-    with pytest.raises(UserInputError, match="method 'mtt' does not split.*supported methods are: dm"):
-        plan_class_split(DistillConfig(method="mtt"), 2, 10)
+def test_plan_divides_each_method_by_its_own_unit(striped_root):
+    assert plan_split(DistillConfig(method="dm", model="ConvNet-1-8"), 3, 10) == ("classes", [[0, 1, 2, 3], [4, 5, 6],
+                                                                                         [7, 8, 9]])
+    assert plan_split(DistillConfig(method="dsa"), 2, 10) == ("classes", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    assert plan_split(DistillConfig(method="sre2l", teacher="t", ipc=5), 2, 10) == ("images", [[0, 1, 2], [3, 4]])
+    assert plan_split(DistillConfig(method="datm", experts="e", trajectories=4), 3, 10) == \
+        ("trajectories", [[0, 1], [2], [3]])
+    with pytest.raises(UserInputError, match="method 'idc' does not split.*supported methods are: datm, dc, dm, dsa"):
+        plan_split(DistillConfig(method="idc"), 2, 10)
 
 
 def test_a_method_tied_to_its_process_count_refuses_another_on_resume(real, tmp_path):
@@ -240,3 +253,116 @@ def test_a_method_tied_to_its_process_count_refuses_another_on_resume(real, tmp_
         assert files.checkpoint.read_bytes() == before
     finally:
         METHOD_REGISTRY.pop("dm-fixed-processes")
+
+
+def _same_files(one, two, names=("artefact", "checkpoint")):
+    for name in names:
+        a, b = load_file(str(getattr(one, name))), load_file(str(getattr(two, name)))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_two_processes_distil_dsa_with_cmi_into_the_same_set_as_one(striped_root, pool_dir, tmp_path, capsys):
+    """DSA split by class: each process matches its classes' gradients; before every network-training phase the
+    processes exchange their rows, so each trains the same network on the whole current set."""
+    argv = ["distill", "--method", "dsa", "--ipc", "2", "--iterations", "2", "--model", "ConvNet-1-8",
+            "--batch-real", "8", "--outer-loop", "3", "--inner-loop", "1", "--checkpoint-every", "1", "--quiet",
+            "--cmi-weight", "10", "--proxies", pool_dir]
+    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    assert completed.returncode == 0, completed.stderr
+    _same_files(RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two"))  # measured bit for bit on CPU
+
+
+@pytest.fixture
+def teacher_dir(real, tmp_path):
+    directory = tmp_path / "teacher"
+    train_proxy_pool(real, directory, arch="ConvNet-2-8-bn", count=1, epochs=1, progress=False)
+    return directory
+
+
+def test_two_processes_recover_dwa_into_the_same_set_as_one(striped_root, teacher_dir, tmp_path, capsys):
+    """DWA split by image position: process r recovers batches parts[r] (the j-th image of every class) against
+    their own perturbed teachers, computed only there; rank 0 relabels the gathered set."""
+    argv = ["distill", "--method", "dwa", "--teacher", teacher_dir, "--ipc", "3", "--iterations", "3",
+            "--dwa-steps", "2", "--checkpoint-every", "2", "--quiet"]
+    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    assert completed.returncode == 0, completed.stderr
+    one, two = RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two")
+    _same_files(one, two)  # measured bit for bit on CPU (soft labels included)
+    assert "soft_labels" in load_file(str(two.artefact))
+
+
+@pytest.fixture
+def experts_dir(real, tmp_path):
+    from infodistill.pools import train_experts
+
+    directory = tmp_path / "experts"
+    train_experts(real, directory, model="ConvNet-1-8", count=2, epochs=4, batch_size=64, progress=False)
+    return directory
+
+
+def test_mtt_trajectories_average_independent_streams_and_one_is_unchanged(real, experts_dir):
+    """T trajectories per iteration: the loss is the mean of T single-trajectory losses, trajectory k drawing from
+    its own stream (k = 0: the iteration's generator, so T = 1 is the published one-trajectory MTT)."""
+    config = DistillConfig(method="mtt", ipc=2, iterations=1, model="ConvNet-1-8", experts=str(experts_dir),
+                           syn_steps=2, expert_epochs=2, max_start_epoch=2, trajectories=3).with_method_defaults()
+    images, labels = real.train_tensors()
+    sampler = ClassSampler(images, labels, 10)
+    parts = build_run_parts(config, real, sampler, torch.device("cpu"))
+    context = make_context(config, 5, parts.synthetic, sampler, real, parts.augment, torch.device("cpu"))
+    mean = next(parts.method.iteration(context))
+    singles = [parts.method.trajectory_distance(context_k, context_k.trajectory_generator(k))
+               for k in range(3)
+               for context_k in [make_context(config, 5, parts.synthetic, sampler, real, parts.augment,
+                                              torch.device("cpu"))]]
+    assert float(mean.detach()) == pytest.approx(float(sum(singles).detach() / 3), rel=1e-6)
+    assert len({round(float(value.detach()), 8) for value in singles}) == 3  # three different trajectories
+    one = dataclasses.replace(config, trajectories=1)
+    parts_one = build_run_parts(one, real, sampler, torch.device("cpu"))
+    first = next(parts_one.method.iteration(make_context(one, 5, parts_one.synthetic, sampler, real,
+                                                         parts_one.augment, torch.device("cpu"))))
+    assert torch.equal(first.detach(), singles[0].detach())
+
+
+def test_two_processes_split_mtt_trajectories_into_the_one_process_set(striped_root, experts_dir, pool_dir,
+                                                                        tmp_path, capsys):
+    """MTT split by trajectory: each process computes the gradient of its trajectories, the gradients are summed
+    (all-reduce), and every process steps the whole set; CMI is added once, by rank 0."""
+    argv = ["distill", "--method", "mtt", "--experts", experts_dir, "--ipc", "2", "--iterations", "3",
+            "--model", "ConvNet-1-8", "--syn-steps", "2", "--expert-epochs", "2", "--max-start-epoch", "2",
+            "--trajectories", "2", "--checkpoint-every", "2", "--cmi-weight", "1", "--proxies", pool_dir, "--quiet"]
+    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    assert completed.returncode == 0, completed.stderr
+    one, two = RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two")
+    # The one-process gradient is the autograd sum of the two trajectories' gradients, the two-process one their
+    # all-reduce sum: the same two numbers added, in an order that may differ; equal within float rounding.
+    for name in ("artefact", "checkpoint"):
+        a, b = load_file(str(getattr(one, name))), load_file(str(getattr(two, name)))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    lines_one = [json.loads(line) for line in one.metrics.read_text().splitlines()]
+    lines_two = [json.loads(line) for line in two.metrics.read_text().splitlines()]
+    for a, b in zip(lines_one, lines_two):
+        assert b == {key: pytest.approx(value, rel=1e-5) for key, value in a.items()}
+
+
+def test_a_run_split_by_image_resumes_in_another_process_count(striped_root, teacher_dir, tmp_path, capsys):
+    """SRe2L (Adam, split by image): 2 iterations in 2 processes, then resumed to 4 in one process, gives the set of
+    4 uninterrupted iterations in one process: the checkpoint holds the whole set and Adam's state."""
+    argv = ["distill", "--method", "sre2l", "--teacher", teacher_dir, "--ipc", "2", "--lr-schedule", "constant",
+            "--checkpoint-every", "2", "--quiet"]
+    assert main([*map(str, argv), "--iterations", "4", "--out", str(tmp_path / "straight")]) == 0
+    completed, _ = run_command(*argv, "--iterations", "2", "--out", tmp_path / "split", "--nproc", "2",
+                               "--dist-timeout", "60")
+    assert completed.returncode == 0, completed.stderr
+    with safe_open(str(tmp_path / "split" / "checkpoint.safetensors"), "pt") as handle:
+        assert handle.metadata()["processes"] == "2"
+    capsys.readouterr()
+    assert main([*map(str, argv), "--iterations", "4", "--out", str(tmp_path / "split"), "--resume"]) == 0
+    _same_files(RunFiles(tmp_path / "straight"), RunFiles(tmp_path / "split"), names=("artefact",))

@@ -264,7 +264,7 @@ def test_dwa_perturbs_each_batch_towards_a_higher_loss_and_leaves_the_teacher_un
     labels = torch.arange(10)
     teacher = ProxyPool.load(teacher_dir, real.info)[0]
     assert len(method.perturbed) == 2
-    for j, parameters in enumerate(method.perturbed):
+    for j, parameters in sorted(method.perturbed.items()):
         batch = initial[:, j]
         delta = _difference(parameters, teacher)
         assert 0 < _norm(delta) <= 0.015 * (1 + 1e-5)

@@ -218,7 +218,7 @@ def _distill_overrides(args: argparse.Namespace) -> dict:
              "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "ema_decay", "rank", "optimizer",
              "lr_schedule", "teacher", "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight", "jitter",
              "dwa_rho", "dwa_steps", "mim_weight", "mim_temperature", "mim_layers", "mim_real_per_class", "mim_lr",
-             "precision")
+             "precision", "trajectories")
     values = {name: getattr(args, name) for name in names}
     values["augment"] = args.augment
     return values
@@ -239,14 +239,15 @@ def _check_devices(nproc: int, device_name: str) -> None:
 
 def command_distill(args: argparse.Namespace) -> int:
     """Distil a dataset into a few synthetic images per class with a method and optional CMI regularizer.
-    With --nproc N (or under torchrun) the classes are split over N processes (docs/distributed.md)."""
+    With --nproc N (or under torchrun) the work is split over N processes: by class (DM, DC, DSA), by image
+    (SRe2L, DWA) or by trajectory (MTT, DATM); see docs/distributed.md."""
     from infodistill.distill import (
         CONFIG_NAME,
         RunFiles,
         check_out_dir,
         distill,
         distill_config_from,
-        plan_class_split,
+        plan_split,
     )
 
     if args.nproc is not None:
@@ -268,7 +269,7 @@ def command_distill(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else _default_run_dir(config)
     if args.nproc is not None and args.nproc > 1:
         # Everything the processes would refuse at once is refused here, before any process starts.
-        plan_class_split(config, args.nproc, dataset_info(config.dataset, data_root=config.data_root).num_classes)
+        plan_split(config, args.nproc, dataset_info(config.dataset, data_root=config.data_root).num_classes)
         _check_devices(args.nproc, config.device)
         check_out_dir(RunFiles(out_dir), args.resume)
         return launch(args.argv, args.nproc)
@@ -481,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="DATM: iterations over which the window grows (default: 3000)")
     trajectory.add_argument("--batch-syn", type=int, metavar="N", help="synthetic images per student step (default: all)")
     trajectory.add_argument("--lr-lr", type=float, help="learning rate of the learned step size (default: by ipc)")
+    trajectory.add_argument("--trajectories", type=int, metavar="T",
+                            help="student trajectories averaged per iteration (default: 1, as published); with "
+                                 "--nproc N they are split over the N processes (N <= T)")
     trajectory.add_argument("--lr-labels", type=float, help="DATM: learning rate of the soft labels (default: 2)")
     trajectory.add_argument("--memory", metavar="full|checkpoint",
                             help="keep the unrolled graph (full) or recompute each step in the backward pass")
@@ -530,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     distill.add_argument("--quiet", action="store_true", help="no progress bar")
     distill.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_process_flags(distill, "the classes are split over N processes (dm, with or without CMI)")
+    _add_process_flags(distill, "the work is split over N processes: by class (dm, dc, dsa), by image (sre2l, "
+                       "dwa) or by trajectory (mtt, datm, with --trajectories)")
     distill.set_defaults(handler=command_distill)
 
     proxies = commands.add_parser("proxies", help="train a pool of proxy networks for the CMI regularizer",

@@ -57,7 +57,7 @@ from infodistill.parallel import (
     all_gather_tensors,
     all_reduce_sum,
     is_main,
-    partition_classes,
+    partition,
     rank_device,
 )
 from infodistill.pools import LoadCache, ProxyPool, load_proxy_pool
@@ -88,7 +88,7 @@ METHOD_OPTIONS = ("outer_loop", "inner_loop", "net_steps", "batch_net", "match_m
                   "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
                   "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "teacher",
                   "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight", "jitter", "dwa_rho",
-                  "dwa_steps")
+                  "dwa_steps", "trajectories")
 """Settings that only some methods take; giving one to another method is an error."""
 
 
@@ -131,6 +131,7 @@ class DistillConfig:
     batch_syn: int | None = None
     lr_lr: float | None = None
     lr_labels: float | None = None
+    trajectories: int | None = None
     memory: str | None = None
     ema_decay: float | None = None
     optimizer: str | None = None
@@ -178,7 +179,8 @@ class DistillConfig:
         parse_model_name(self.model)
         parse_model_name(self.eval_model)
         for name in ("iterations", "batch_real", "outer_loop", "inner_loop", "factor", "net_steps", "batch_net",
-                     "syn_steps", "expert_epochs", "batch_syn", "window_growth_iterations", "rank", "dwa_steps"):
+                     "syn_steps", "expert_epochs", "batch_syn", "window_growth_iterations", "rank", "dwa_steps",
+                     "trajectories"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {value}")
@@ -301,9 +303,9 @@ def schedule_factor(schedule: str, iteration: int, iterations: int) -> float:
 ITERATION_STREAM, INIT_STREAM, CALIBRATION_STREAM, SETUP_STREAM, MIM_STREAM = 0, 1, 2, 3, 4
 
 
-def stream_seed(seed: int, stream: int, index: int = 0) -> int:
-    """Seed of one random stream, fixed by (run seed, stream, index) and independent of every other."""
-    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1, np.uint64)[0] >> 1)
+def stream_seed(seed: int, stream: int, index: int = 0, *more: int) -> int:
+    """Seed of one random stream, fixed by (run seed, stream, index, *more) and independent of every other."""
+    return int(np.random.SeedSequence([seed, stream, index, *more]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -353,31 +355,94 @@ def build_method(config: DistillConfig) -> Method:
 
 def make_context(config: DistillConfig, iteration: int, synthetic: SyntheticSet, sampler: ClassSampler,
                   real: RealData, augment: DSA | None, device: torch.device,
-                  stream: int = ITERATION_STREAM, classes: tuple[int, ...] | None = None) -> DistillContext:
-    """The context of one iteration; ``classes``: those this process computes (None: all)."""
+                  stream: int = ITERATION_STREAM, classes: tuple[int, ...] | None = None,
+                  split: ProcessSplit | None = None) -> DistillContext:
+    """The context of one iteration; ``classes``: those this process computes (None: all), or ``split``:
+    this process's share of a run split over processes (its classes, image positions or trajectories)."""
     generator = torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration))
+
+    def substream(index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration, index))
+
+    share: dict[str, Any] = {"classes": classes}
+    if split is not None:
+        share = {split.context_field: split.mine}
+        if split.kind == "classes":
+            share["share_set"] = lambda: split.refresh(synthetic)
     return DistillContext(iteration=iteration, generator=generator, synthetic=synthetic, sampler=sampler,
-                          info=real.info, augment=augment, device=device, model_name=config.model, classes=classes)
+                          info=real.info, augment=augment, device=device, model_name=config.model,
+                          substream=substream, **share)
+
+
+SPLIT_KINDS = {"classes": "classes", "images": "image_positions", "trajectories": "trajectories"}
+"""Each way a method divides a run over processes (``Method.process_split``) -> the context field that
+gives a process its share."""
 
 
 @dataclass(frozen=True)
-class ClassSplit:
-    """A run split over processes by class (``docs/distributed.md``): every process holds the whole set and
-    draws every random number, but rank r computes the losses, and so steps the rows, of classes ``parts[r]``
-    only; the whole set is gathered from the owners' rows when it is logged, checkpointed or written."""
+class ProcessSplit:
+    """A run divided over processes (``docs/distributed.md``). Every process holds the whole set and makes
+    every random draw; rank r computes the share ``parts[r]``: its classes, its image positions (the j-th
+    image of every class), or its trajectories.
+
+    For classes and images a process steps only its own rows of the set (the others get a zero gradient
+    there), and the whole set is gathered from the rows' owners when it is logged, checkpointed or written,
+    or when a method reads all of it (:meth:`refresh`). For trajectories every process computes a part of
+    the gradient of the whole set; the loop sums the gradients, so all processes step the same set."""
 
     group: ProcessGroup
+    kind: str
     parts: tuple[tuple[int, ...], ...]
 
     @property
-    def classes(self) -> tuple[int, ...]:
-        """The classes of this process."""
+    def mine(self) -> tuple[int, ...]:
+        """This process's share."""
         return self.parts[self.group.rank]
 
+    @property
+    def context_field(self) -> str:
+        return SPLIT_KINDS[self.kind]
+
+    @property
+    def replicated(self) -> bool:
+        """True when every process steps the whole set (gradients summed), False when each steps its rows."""
+        return self.kind == "trajectories"
+
+    # Kept for the class split's callers: the classes of this process.
+    @property
+    def classes(self) -> tuple[int, ...] | None:
+        return self.mine if self.kind == "classes" else None
+
+    def _rows(self, synthetic: SyntheticSet, tensor: torch.Tensor, part: tuple[int, ...]) -> torch.Tensor:
+        """Indices of the rows of ``tensor`` (a stored tensor of the set, or one of its shape) owned by ``part``."""
+        per_class, remainder = divmod(tensor.shape[0], synthetic.num_classes)
+        if remainder:
+            raise ValueError(f"a tensor of shape {list(tensor.shape)} does not hold {synthetic.num_classes} classes")
+        if self.kind == "classes":
+            rows = [c * per_class + i for c in part for i in range(per_class)]
+        else:
+            rows = [c * per_class + j for c in range(synthetic.num_classes) for j in part]
+        return torch.tensor(rows, dtype=torch.long, device=tensor.device)
+
     def gather(self, synthetic: SyntheticSet, tensor: torch.Tensor) -> torch.Tensor:
-        """A stored tensor of ``synthetic`` (or one of its shape: momentum, average) made whole: the rows of
-        each class from the process that steps them. A collective: every process calls it alike."""
-        return torch.cat(all_gather_tensors(self.group, synthetic.class_rows(tensor.detach(), self.classes)))
+        """A stored tensor of ``synthetic`` (or one of its shape: momentum, average) made whole: each row from
+        the process that steps it. A collective: every process calls it alike."""
+        tensor = tensor.detach()
+        if self.replicated:
+            return tensor
+        chunks = all_gather_tensors(self.group, tensor[self._rows(synthetic, tensor, self.mine)])
+        whole = tensor.clone()
+        for part, chunk in zip(self.parts, chunks):
+            whole[self._rows(synthetic, tensor, part)] = chunk
+        return whole
+
+    @torch.no_grad()
+    def refresh(self, synthetic: SyntheticSet) -> None:
+        """Copy the rows other processes stepped into this process's set (a collective)."""
+        if self.replicated:
+            return
+        for parameter in synthetic.parameters():
+            parameter.copy_(self.gather(synthetic, parameter))
 
 
 REGULARIZER_CLASSES = {"cmi": CMIRegularizer, "mim": MIMRegularizer}
@@ -388,23 +453,37 @@ def _configured_regularizers(config: DistillConfig) -> list[str]:
     return [name for name, enabled in (("cmi", config.uses_cmi), ("mim", config.mim_weight > 0)) if enabled]
 
 
-def plan_class_split(config: DistillConfig, world_size: int, num_classes: int) -> list[list[int]]:
-    """The classes of each of ``world_size`` processes (contiguous, see
-    :func:`~infodistill.parallel.partition_classes`), after refusing a run that cannot split its classes:
-    a method, network, regularizer or parameterisation whose loss does not decompose by class."""
+def plan_split(config: DistillConfig, world_size: int, num_classes: int) -> tuple[str, list[list[int]]]:
+    """How a run divides over ``world_size`` processes: (kind, each process's share), the kind being the
+    method's ``process_split`` and the shares contiguous runs of classes, image positions or trajectories
+    (:func:`~infodistill.parallel.partition`). Refuses, with one line, a method, network,
+    regularizer or parameterisation that cannot divide, and more processes than there are shares."""
     config = config.with_method_defaults()
-    supported = sorted(name for name in METHOD_REGISTRY if method_class(name).class_decomposable)
-    problems = [method_class(config.method).class_split_problem(config.model)]
-    problems += [f"the {name.upper()} regularizer does not split over classes" for name in
-                 _configured_regularizers(config) if not REGULARIZER_CLASSES[name].class_decomposable]
-    parameterisation = getattr(PARAMETERISATION_REGISTRY.get(config.param), "__self__", None)
-    if parameterisation is not None and not parameterisation.rows_by_class:
-        problems.append(f"param '{config.param}' stores tensors shared between classes")
+    cls = method_class(config.method)
+    kind = cls.process_split
+    supported = sorted(name for name in METHOD_REGISTRY if method_class(name).process_split is not None)
+    problems = [cls.split_problem(config.model)]
+    if kind == "classes":
+        problems += [f"the {name.upper()} regularizer does not split over classes" for name in
+                     _configured_regularizers(config) if not REGULARIZER_CLASSES[name].class_decomposable]
+        parameterisation = getattr(PARAMETERISATION_REGISTRY.get(config.param), "__self__", None)
+        if parameterisation is not None and not parameterisation.rows_by_class:
+            problems.append(f"param '{config.param}' stores tensors shared between classes")
+    elif kind == "images":
+        problems += [f"method '{config.method}' splits its images over processes, and the {name.upper()} "
+                     "regularizer needs every image of a class" for name in _configured_regularizers(config)]
+        if config.param != "pixels":
+            problems.append(f"method '{config.method}' splits its images over processes, which needs param "
+                            f"'pixels' (param '{config.param}' decodes one stored tensor into several images)")
     problems = [problem for problem in problems if problem]
     if problems:
         raise UserInputError(f"{problems[0]}; in {world_size} processes the supported methods are: "
-                             f"{', '.join(supported)} (with or without the CMI term); run it in one process")
-    return partition_classes(num_classes, world_size)
+                             f"{', '.join(supported)}; run it in one process")
+    if kind == "classes":
+        return kind, partition(num_classes, world_size)
+    if kind == "images":
+        return kind, partition(config.ipc, world_size, "images per class (--ipc)")
+    return kind, partition(config.trajectories or 1, world_size, "trajectories per iteration (--trajectories)")
 
 
 def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: DistillContext, fraction: float,
@@ -493,21 +572,34 @@ def computed_in(precision: str, device: torch.device | str, steps: Iterator[Any]
             close()
 
 
+def _sum_gradients_over_processes(parameters: list[torch.Tensor], group: ProcessGroup) -> None:
+    """Replace each parameter's gradient by its sum over the processes (one collective; a missing
+    gradient counts as zeros)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    summed = all_reduce_sum(group, torch.cat([grad.reshape(-1) for grad in grads]))
+    for parameter, chunk in zip(parameters, summed.split([grad.numel() for grad in grads])):
+        parameter.grad = chunk.view_as(parameter).to(parameter.dtype)
+
+
 def run_iteration(method: Method, terms: list[RegularizerTerm], context: DistillContext,
                   optimizer: torch.optim.Optimizer, average: ImageAverage | None = None,
-                  group: ProcessGroup = SINGLE_PROCESS, precision: str = "fp32") -> dict[str, float]:
+                  split: ProcessSplit | None = None, precision: str = "fp32") -> dict[str, float]:
     """One iteration: for every matching loss the method yields, add the active regularizers and
     update the images (and the method's learned tensors). For a :class:`ClassUpdate` the regularizers
     see that class's images only. Returns each loss term averaged over the iteration's updates.
 
     In a run split by class (``context.classes`` set) the method's loss and each regularizer's
-    :meth:`~infodistill.regularizers.Regularizer.class_share` cover this process's classes; the
-    logged terms, and the divergence check, are their sums over the processes of ``group``.
+    :meth:`~infodistill.regularizers.Regularizer.class_share` cover this process's classes. In a run split
+    by trajectory (``split.replicated``) the method's loss covers this process's trajectories, the
+    regularizers are computed by rank 0 alone on the whole set, and the gradients are summed over the
+    processes before the step. The logged terms, and the divergence check, are sums over the processes.
 
     ``precision``: the method's and the regularizers' forward passes run in it (``docs/precision.md``);
     every loss term is float32 before it is weighted, summed and logged, and the backward pass and the
     optimiser step run outside autocast on the float32 tensors."""
     synthetic = context.synthetic
+    group = split.group if split is not None else SINGLE_PROCESS
+    replicated = split is not None and split.replicated
     classes = getattr(context, "classes", None)  # a minimal context (tests) need not carry it
     device = getattr(context, "device", torch.device("cpu"))  # nor its device
     learned = [p for param_group in optimizer.param_groups for p in param_group["params"]]
@@ -522,6 +614,9 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
         if active:
             images, labels = _regularized_images(synthetic, label, classes)
             for term in active:
+                if replicated and not is_main(group):  # rank 0 adds the term for the whole set
+                    values[f"loss/{term.name}"] = torch.zeros((), device=matching.device)
+                    continue
                 with autocast_context(precision, device):
                     if classes is None or label is not None:
                         value = term.regularizer.loss(images, labels, context.generator)
@@ -537,6 +632,8 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
             raise LossDiverged(f"the loss became {numbers['loss/total']} at iteration {context.iteration}")
         optimizer.zero_grad(set_to_none=True)
         total.backward(inputs=learned)  # only the set and the method's tensors learn; networks stay untouched
+        if replicated:
+            _sum_gradients_over_processes(learned, group)
         optimizer.step()
         with torch.no_grad():
             method.project(synthetic)
@@ -556,7 +653,7 @@ def _learned_groups(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, tor
 
 
 def _checkpoint_tensors(synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
-                        average: ImageAverage | None, split: ClassSplit | None = None) -> dict[str, torch.Tensor]:
+                        average: ImageAverage | None, split: ProcessSplit | None = None) -> dict[str, torch.Tensor]:
     """Everything a checkpoint holds; in a split run the set's tensors (and their optimiser state and
     average) are gathered whole from the processes that step each class (every process calls this)."""
     parameters = dict(synthetic.named_parameters())
@@ -585,7 +682,7 @@ _STATE_PREFIXES = {"momentum_buffer": "momentum"}
 
 def save_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
                     iteration: int, config: DistillConfig, weights: dict[str, float],
-                    average: ImageAverage | None = None, split: ClassSplit | None = None) -> None:
+                    average: ImageAverage | None = None, split: ProcessSplit | None = None) -> None:
     """Write the state after ``iteration`` completed iterations, atomically. In a split run every process
     calls this (the state is gathered) and rank 0 alone writes the file."""
     tensors = _checkpoint_tensors(synthetic, optimizer, average, split)
@@ -706,13 +803,13 @@ def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, floa
                        parameterisation=str(config.param), regularizers=weights, iterations=iterations, extra=extra)
 
 
-def _whole_stored(synthetic: SyntheticSet, average: ImageAverage | None, split: ClassSplit) -> dict[str, torch.Tensor]:
+def _whole_stored(synthetic: SyntheticSet, average: ImageAverage | None, split: ProcessSplit) -> dict[str, torch.Tensor]:
     """The set's (averaged) stored tensors gathered whole from the processes of a split run (a collective)."""
     source = average.shadow if average is not None else dict(synthetic.named_parameters())
     return {name: split.gather(synthetic, value) for name, value in source.items()}
 
 
-def _current_images(synthetic: SyntheticSet, average: ImageAverage | None, split: ClassSplit | None) -> torch.Tensor:
+def _current_images(synthetic: SyntheticSet, average: ImageAverage | None, split: ProcessSplit | None) -> torch.Tensor:
     """The decoded (averaged) images of the whole set; gathered in a split run (every process calls this)."""
     with torch.no_grad():
         if split is not None:
@@ -722,7 +819,7 @@ def _current_images(synthetic: SyntheticSet, average: ImageAverage | None, split
 
 def _distilled_set(synthetic: SyntheticSet, method: Method, average: ImageAverage | None, config: DistillConfig,
                    real: RealData, weights: dict[str, float], iterations: int,
-                   split: ClassSplit | None = None) -> DistilledSet:
+                   split: ProcessSplit | None = None) -> DistilledSet:
     """The current state as an artefact: decoded (averaged) images, labels, the method's tensors. In a
     split run every process calls this (the set is gathered)."""
     with torch.no_grad():
@@ -730,7 +827,9 @@ def _distilled_set(synthetic: SyntheticSet, method: Method, average: ImageAverag
             images = average.images(synthetic) if average is not None else synthetic.images()
             stored = average.shadow if average is not None else synthetic.stored_tensors()
         else:
-            stored = _whole_stored(synthetic, average, split)
+            split.refresh(synthetic)  # the method's tensors (SRe2L's soft labels) read the whole current set
+            stored = _whole_stored(synthetic, average, split) if average is not None else \
+                dict(synthetic.named_parameters())
             images = torch.func.functional_call(synthetic, stored, ())
         stored = {name: stored[name].detach().cpu().float().clone() for name in synthetic.stored_tensors()}
     extras = {name: value.detach().cpu().float().clone() for name, value in method.artefact_tensors().items()}
@@ -752,9 +851,11 @@ class RunParts:
 
 
 def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler, device: torch.device,
-                    fresh: bool = True, cache: LoadCache | None = None) -> RunParts:
+                    fresh: bool = True, cache: LoadCache | None = None,
+                    image_positions: tuple[int, ...] | None = None) -> RunParts:
     """Initialise the synthetic set, build and prepare the method, and the optimiser over both, from
-    ``config`` with its method defaults filled (the loop and the benchmarks share this)."""
+    ``config`` with its method defaults filled (the loop and the benchmarks share this).
+    ``image_positions``: this process's share in a run split by image (what the method prepares)."""
     init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
     synthetic = build_synthetic(config.param, sampler, config.ipc, config.init, init_generator,
                                 factor=config.factor, upsample=config.upsample, rank=config.rank).to(device)
@@ -762,7 +863,7 @@ def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler
     setup_generator = torch.Generator().manual_seed(stream_seed(config.seed, SETUP_STREAM))
     method.prepare(MethodSetup(synthetic=synthetic, sampler=sampler, info=real.info, device=device,
                                model_name=config.model, generator=setup_generator, fresh=fresh, init=config.init,
-                               cache=cache))
+                               cache=cache, image_positions=image_positions))
     groups = [{"params": list(synthetic.parameters()), "name": "synthetic"}, *method.parameter_groups()]
     if config.optimizer == "adam":
         betas = method_class(config.method).defaults(config.ipc).betas
@@ -795,9 +896,10 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     in one process share what they read; the result is the same as reading it afresh.
 
     ``group``: this process's place in a run over several processes (every process calls ``distill``
-    with the same arguments). The classes are then split between the processes (:class:`ClassSplit`,
-    ``docs/distributed.md``): each computes and steps its own classes, and rank 0 gathers the whole
-    set and alone writes files. The artefact is the one a single process writes."""
+    with the same arguments). The work is then divided between the processes as the method says
+    (:class:`ProcessSplit`, ``docs/distributed.md``): by class, by image position or by trajectory;
+    rank 0 gathers the whole set and alone writes files. The artefact is the one a single process writes
+    (for trajectories: up to the order of the gradient sum)."""
     started = time.perf_counter()
     config.validate()
     config = config.with_method_defaults()
@@ -810,17 +912,19 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
         real = whiten(real, config.zca)  # every tensor the run sees, and the artefact, are in whitened space
     split = None
     if group.distributed:
-        per_rank = plan_class_split(config, group.world_size, real.info.num_classes)
-        split = ClassSplit(group, tuple(tuple(classes) for classes in per_rank))
+        kind, per_rank = plan_split(config, group.world_size, real.info.num_classes)
+        split = ProcessSplit(group, kind, tuple(tuple(share) for share in per_rank))
     train_images, train_labels = real.train_tensors()
     sampler = ClassSampler(train_images.to(device), train_labels.to(device), real.info.num_classes)
     if config.ipc > sampler.smallest_class_size():
         raise UserInputError(f"ipc {config.ipc} is above the smallest class size {sampler.smallest_class_size()} of '{real.info.name}'")
 
-    parts = build_run_parts(config, real, sampler, device, fresh=not resume, cache=cache)
+    parts = build_run_parts(config, real, sampler, device, fresh=not resume, cache=cache,
+                            image_positions=split.mine if split is not None and split.kind == "images" else None)
     synthetic, method, optimizer, average, augment = (parts.synthetic, parts.method, parts.optimizer, parts.average,
                                                       parts.augment)
-    if split is not None and (not synthetic.rows_by_class or len(optimizer.param_groups) > 1):
+    if split is not None and not split.replicated and (not synthetic.rows_by_class
+                                                       or len(optimizer.param_groups) > 1):
         raise UserInputError(f"method '{config.method}' with param '{config.param}' learns tensors that mix classes; "
                              "it cannot split its classes over processes; run it in one process")
 
@@ -868,15 +972,14 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
                desc=f"distill {config.method}" + (" + cmi" if terms else "")
                + (f" x{group.world_size} processes" if split is not None else ""), unit="it")
     last_good = start
-    classes = split.classes if split is not None else None
     try:
         for iteration in bar:
-            context = make_context(config, iteration, synthetic, sampler, real, augment, device, classes=classes)
+            context = make_context(config, iteration, synthetic, sampler, real, augment, device, split=split)
             factor = schedule_factor(config.lr_schedule, iteration, config.iterations)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = param_group["base_lr"] * factor
             try:
-                logged = run_iteration(method, terms, context, optimizer, average, group, config.precision)
+                logged = run_iteration(method, terms, context, optimizer, average, split, config.precision)
             except LossDiverged as diverged:
                 kept = (f"the last good checkpoint (iteration {last_good}) is kept in '{files.checkpoint}'"
                         if files.checkpoint.exists() else "no checkpoint was written yet")
@@ -939,7 +1042,7 @@ def build_mim_term(config: DistillConfig, sampler: ClassSampler, real: RealData,
 
 
 def _monitored_cmi(pool: ProxyPool, synthetic: SyntheticSet, average: ImageAverage | None, num_classes: int,
-                   split: ClassSplit | None = None) -> float | None:
+                   split: ProcessSplit | None = None) -> float | None:
     """The set's CMI under the whole pool (mean over proxies): logged for runs with and without the term.
     In a split run every process calls this; rank 0 computes it, the others get None."""
     images = _current_images(synthetic, average, split)

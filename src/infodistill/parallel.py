@@ -196,15 +196,16 @@ def all_gather_objects(group: ProcessGroup, value: Any) -> list[Any]:
     return gathered
 
 
-def partition_classes(num_classes: int, world_size: int) -> list[list[int]]:
-    """Classes ``0..num_classes-1`` split into ``world_size`` contiguous runs whose sizes differ by at
-    most 1 (the first ``num_classes % world_size`` runs hold one more); every process gets one."""
+def partition(count: int, world_size: int, what: str = "classes") -> list[list[int]]:
+    """``0..count-1`` (classes, image positions, trajectories: ``what``) split into ``world_size`` contiguous
+    runs whose sizes differ by at most 1 (the first ``count % world_size`` runs hold one more); every
+    process gets at least one."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UserInputError(f"the number of processes must be a positive integer, got {world_size!r}")
-    if world_size > num_classes:
-        raise UserInputError(f"{world_size} processes is more than the {num_classes} classes; every process needs "
-                             f"at least one class, so use at most {num_classes}")
-    base, extra = divmod(num_classes, world_size)
+    if world_size > count:
+        raise UserInputError(f"{world_size} processes is more than the {count} {what}; every process needs "
+                             f"at least one, so use at most {count}")
+    base, extra = divmod(count, world_size)
     parts, start = [], 0
     for rank in range(world_size):
         size = base + (1 if rank < extra else 0)

@@ -44,12 +44,47 @@ class DistillContext:
     device: torch.device
     model_name: str
     classes: tuple[int, ...] | None = None
-    """The classes whose losses this process computes (a run split over processes, see
-    ``docs/distributed.md``); None: every class. Only methods with ``class_decomposable`` see a subset."""
+    """The classes whose losses this process computes (a run split by class over processes, see
+    ``docs/distributed.md``); None: every class. Only methods with ``process_split = "classes"`` see a subset."""
+    image_positions: tuple[int, ...] | None = None
+    """The positions j (0..ipc-1) whose images this process computes, the j-th image of every class (a run
+    split by image); None: every position. Only methods with ``process_split = "images"`` see a subset."""
+    trajectories: tuple[int, ...] | None = None
+    """Which of the iteration's trajectories this process computes (a run split by trajectory); None: all
+    of them. Only methods with ``process_split = "trajectories"`` see a subset."""
+    substream: Callable[[int], torch.Generator] | None = None
+    """Independent random stream k >= 1 of this iteration, fixed by (seed, iteration, k); stream 0 is
+    ``generator``. Lets a process draw trajectory k without replaying the draws of trajectories before it."""
+    share_set: Callable[[], None] | None = None
+    """Makes the whole current set present in this process (a collective in a run split by class, where
+    each process steps only its own rows); None in a one-process run."""
 
     def owned_classes(self) -> list[int]:
         """The classes this process computes losses for, in order (all of them in a one-process run)."""
         return list(range(self.synthetic.num_classes)) if self.classes is None else list(self.classes)
+
+    def owned_image_positions(self) -> list[int]:
+        """The image positions this process computes, in order (all ``ipc`` of them in a one-process run)."""
+        every = range(self.synthetic.images_per_class)
+        return list(every) if self.image_positions is None else list(self.image_positions)
+
+    def owned_trajectories(self, count: int) -> list[int]:
+        """Which of the iteration's ``count`` trajectories this process computes (all in a one-process run)."""
+        return list(range(count)) if self.trajectories is None else list(self.trajectories)
+
+    def trajectory_generator(self, index: int) -> torch.Generator:
+        """The random stream of trajectory ``index``: ``generator`` for the first, ``substream(index)`` after."""
+        if index == 0:
+            return self.generator
+        if self.substream is None:
+            raise ValueError("this context has no substreams; build it with infodistill.distill.make_context")
+        return self.substream(index)
+
+    def synchronise_set(self) -> None:
+        """Before reading the whole set (training a network on it) in a run split by class: fetch the rows
+        other processes stepped. Every process must call it at the same point; a no-op in one process."""
+        if self.share_set is not None:
+            self.share_set()
 
     def fresh_network(self) -> torch.nn.Module:
         """A randomly initialised matching network (seeded from this iteration's generator)."""
@@ -149,6 +184,7 @@ class MethodSetup:
     fresh: bool
     init: str = "real"
     cache: LoadCache | None = None  # pools and trajectories shared across the runs of one process
+    image_positions: tuple[int, ...] | None = None  # this process's positions in a run split by image
 
 
 class Method(ABC):
@@ -160,21 +196,27 @@ class Method(ABC):
     with real data (MIM) do not apply to them."""
     clips_to_pixel_range: ClassVar[bool] = False
     """True for methods that clip images to the pixel range, which whitened (ZCA) images do not have."""
-    class_decomposable: ClassVar[bool] = False
-    """True when the matching loss is a sum of per-class terms, each depending only on its own class's
-    synthetic images, and every random draw is made from the context's generator whatever
-    ``context.classes`` is: a run can then split the classes over processes
-    (``docs/distributed.md``). Such a method computes only the classes of ``context.owned_classes()``
-    and learns no tensors beside the set."""
+    process_split: ClassVar[str | None] = None
+    """How a run of this method divides over processes (``docs/distributed.md``), or None (one process only):
+
+    * ``"classes"``: the matching loss is a sum of per-class terms, each depending only on its own class's
+      images; the method computes the classes of ``context.owned_classes()`` and makes every random draw
+      of every class whatever ``context.classes`` is. It learns no tensors beside the set, and calls
+      ``context.synchronise_set()`` before it reads the whole set (network training).
+    * ``"images"``: the loss is a sum of terms over image positions j (the j-th image of every class), each
+      depending only on its own images; the method computes ``context.owned_image_positions()``.
+    * ``"trajectories"``: the loss is a mean over independent trajectories; the method computes those of
+      ``context.owned_trajectories(count)``, each from ``context.trajectory_generator(k)``, and divides by
+      the total count. Every process holds and steps the whole set; the loop sums the gradients."""
     resumable_with_other_process_count: ClassVar[bool] = True
     """False when a checkpoint of this method is only valid for the process count that wrote it (a
     decomposition whose state is not the full set); resuming with another count is then refused."""
 
     @classmethod
-    def class_split_problem(cls, model_name: str) -> str | None:
-        """Why this method cannot split its classes over processes with network ``model_name``, or None."""
-        if not cls.class_decomposable:
-            return f"method '{cls.name}' does not split its classes over processes yet"
+    def split_problem(cls, model_name: str) -> str | None:
+        """Why this method cannot divide a run over processes with network ``model_name``, or None."""
+        if cls.process_split is None:
+            return f"method '{cls.name}' does not split over processes yet"
         return None
 
     @staticmethod

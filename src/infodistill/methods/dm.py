@@ -58,10 +58,10 @@ class DistributionMatching(Method):
     their activations are kept for the backward pass either way.
     """
 
-    class_decomposable = True
+    process_split = "classes"
 
     @classmethod
-    def class_split_problem(cls, model_name: str) -> str | None:
+    def split_problem(cls, model_name: str) -> str | None:
         """DM splits its classes over processes unless the network has batch norm, whose batch statistics
         mix the classes embedded in one forward pass."""
         if parse_model_name(model_name).norm == "bn":

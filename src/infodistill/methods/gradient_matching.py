@@ -89,6 +89,11 @@ class GradientMatching(Method):
     """
 
     name = "gradient_matching"
+    process_split = "classes"
+    """Split by class: the matching loss is a sum of per-class distances (each class is matched in its own
+    forward pass, so batch norm in evaluation mode does not mix classes). The network training between
+    image updates reads the whole set, so every process first fetches the others' rows
+    (``context.synchronise_set``) and then trains the same network the same way."""
 
     PUBLISHED_LOOPS: ClassVar[Mapping[int, tuple[int, int]]] = MappingProxyType(
         {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -157,15 +162,18 @@ class GradientMatching(Method):
             if has_batch_norm(network):
                 context.calibrate_batch_norm(network, self.BATCH_NORM_IMAGES_PER_CLASS)
             real_by_class, synthetic_by_class = context.paired_class_batches(self.batch_real)
-            yield self.matching_loss(network, real_by_class, synthetic_by_class)
+            yield self.matching_loss(network, real_by_class, synthetic_by_class, context.owned_classes())
             if outer == outer_loop - 1:
                 break
+            context.synchronise_set()
             self.train_network(network, network_optimizer, context, inner_loop)
 
     def matching_loss(
-        self, network: nn.Module, real_by_class: Sequence[Tensor], synthetic_by_class: Sequence[Tensor]
+        self, network: nn.Module, real_by_class: Sequence[Tensor], synthetic_by_class: Sequence[Tensor],
+        labels: Sequence[int] | None = None,
     ) -> Tensor:
-        """``sum_c D(grad CE(real_c, c), grad CE(syn_c, c))``; class ``c`` is the position in the lists.
+        """``sum_c D(grad CE(real_c, c), grad CE(syn_c, c))``; class ``c`` is ``labels[i]`` for the i-th batches
+        (the position in the lists when ``labels`` is None).
 
         The real gradients are constants; the synthetic ones keep their graph (``create_graph``), which
         is the only path from the loss to the synthetic pixels.
@@ -176,7 +184,8 @@ class GradientMatching(Method):
             )
         parameters = [parameter for parameter in network.parameters() if parameter.requires_grad]
         loss: Tensor | None = None
-        for c, (real, syn) in enumerate(zip(real_by_class, synthetic_by_class)):
+        labels = range(len(real_by_class)) if labels is None else labels
+        for c, real, syn in zip(labels, real_by_class, synthetic_by_class):
             real_labels = torch.full((len(real),), c, dtype=torch.long, device=real.device)
             synthetic_labels = torch.full((len(syn),), c, dtype=torch.long, device=syn.device)
             real_grads = torch.autograd.grad(F.cross_entropy(network(real), real_labels), parameters)

@@ -11,6 +11,11 @@ Experts are networks trained on the real data with their weights stored after ev
     L = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2        (M = expert_epochs)
     S <- S - lr_images * grad_S L;  alpha <- alpha - lr_lr * grad_alpha L   (the shared loop steps both)
 
+With ``trajectories`` = T > 1 (default 1, as published) L is the mean over T such trajectories, each with
+its own expert, start epoch, batches and augmentation, drawn from its own random stream
+(``context.trajectory_generator``). A run over several processes splits these T trajectories between them
+(``process_split = "trajectories"``; the loop sums the gradients, see ``docs/distributed.md``).
+
 The student is a pure function of a flat weight vector (:class:`FunctionalStudent`); the loss is
 differentiated through the unrolled steps. ``memory="checkpoint"`` recomputes each step during the
 backward pass instead of keeping the whole unrolled graph (see ``benchmarks/bench_trajectory.py``).
@@ -44,6 +49,8 @@ from infodistill.methods.student import (
 class TrajectoryMatching(Method):
     """MTT. ``experts`` is a directory written by ``infodistill experts`` (same dataset and model)."""
 
+    process_split = "trajectories"
+
     # Published CIFAR-10 settings by IPC (MTT's table and README):
     # (syn_steps, expert_epochs, max_start_epoch, lr_images, lr_lr); the initial step size is the experts' lr.
     PUBLISHED: ClassVar[Mapping[int, tuple[int, int, int, float, float]]] = MappingProxyType({
@@ -68,8 +75,12 @@ class TrajectoryMatching(Method):
         lr_lr: float | None = None,
         memory: str | None = None,
         zca: float = 0.0,
+        trajectories: int | None = None,
     ) -> None:
         published = self.published(ipc)
+        self.trajectories = 1 if trajectories is None else trajectories
+        if isinstance(self.trajectories, bool) or not isinstance(self.trajectories, int) or self.trajectories < 1:
+            raise UserInputError(f"trajectories must be an integer >= 1 (per iteration), got {trajectories!r}")
         self.experts_dir = experts
         self.syn_steps = syn_steps if syn_steps is not None else published[0]
         self.expert_epochs = expert_epochs if expert_epochs is not None else published[1]
@@ -130,9 +141,20 @@ class TrajectoryMatching(Method):
         return synthetic.labels
 
     def iteration(self, context: DistillContext) -> Iterator[Tensor]:
+        """One loss, the mean over ``trajectories`` matched trajectories (those of this process in a split run,
+        still divided by the total), and one update of the images and the step size."""
         with torch.no_grad():
             self.lr.clamp_(min=self.MIN_LR)
-        generator = context.generator
+        total: Tensor | None = None
+        for index in context.owned_trajectories(self.trajectories):
+            distance = self.trajectory_distance(context, context.trajectory_generator(index))
+            total = distance if total is None else total + distance
+        if total is None:
+            raise RuntimeError("MTT: this process was given no trajectory to compute")
+        yield total / self.trajectories
+
+    def trajectory_distance(self, context: DistillContext, generator: torch.Generator) -> Tensor:
+        """The normalised distance of one student trajectory, every draw made from ``generator``."""
         expert = self.experts.sample_index(generator)
         start_epoch = int(torch.randint(self.min_start_epoch, self.start_epoch_bound(context.iteration), (1,),
                                         generator=generator))
@@ -153,4 +175,4 @@ class TrajectoryMatching(Method):
                 batch = context.augment(batch, generator)
             batches.append((batch, targets[index]))
         student = self.student.unroll(start, self.lr, batches, self.memory)
-        yield normalised_distance(student, start, target)
+        return normalised_distance(student, start, target)

@@ -84,7 +84,7 @@ the code.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -217,6 +217,9 @@ class SRe2L(Method):
 
     reads_real_data = False
     clips_to_pixel_range = True
+    process_split = "images"
+    """Split by image: the loss is a sum over batches, and batch j holds the j-th image of every class
+    only, so process r recovers the batches of its positions (``docs/distributed.md``)."""
 
     def __init__(
         self,
@@ -290,15 +293,21 @@ class SRe2L(Method):
         return synthetic.images_by_class().transpose(0, 1)
 
     def iteration(self, context: DistillContext) -> Iterator[Tensor]:
-        """One loss, the sum over the ipc batches of each batch's recovery loss, and one image update."""
+        """One loss, the sum over the ipc batches of each batch's recovery loss, and one image update.
+        In a run split by image only the batches of ``context.owned_image_positions()`` are computed (every
+        batch's augmentation is still drawn, in order)."""
         batches = self.batches(context.synthetic)
         draws = draw_augmentations(len(batches), self.jitter, self.flip, context.generator)
+        positions = context.owned_image_positions()
+        if len(positions) < len(batches):
+            batches, draws = batches[positions], [draws[position] for position in positions]
         augmented = augment_batches(batches, draws)
         labels = torch.arange(batches.shape[1], device=batches.device)
-        yield self.batch_losses(augmented, labels).sum()
+        yield self.batch_losses(augmented, labels, positions).sum()
 
-    def batch_losses(self, batches: Tensor, labels: Tensor) -> Tensor:
-        """Recovery loss of every batch (already augmented), as a G-vector."""
+    def batch_losses(self, batches: Tensor, labels: Tensor, positions: Sequence[int] | None = None) -> Tensor:
+        """Recovery loss of every batch (already augmented), as a G-vector; ``positions``: which batches of
+        the set these are (all of them, in order, when None)."""
         cross_entropy, batch_norm = recovery_terms(self._teacher(), batches, labels, self.first_bn_weight,
                                                    self.variance_weight)
         return cross_entropy + self.bn_weight * batch_norm
@@ -367,7 +376,7 @@ class DWA(SRe2L):
             raise UserInputError(f"dwa_steps must be an integer >= 1, got {dwa_steps!r}")
         self.dwa_rho = float(dwa_rho)
         self.dwa_steps = dwa_steps
-        self.perturbed: list[dict[str, Tensor]] = []
+        self.perturbed: dict[int, dict[str, Tensor]] = {}
 
     @staticmethod
     def defaults(ipc: int) -> MethodDefaults:
@@ -389,15 +398,20 @@ class DWA(SRe2L):
         draws = draw_augmentations(len(initial), self.jitter, self.flip, setup.generator)
         initial = augment_batches(initial, draws)
         labels = torch.arange(initial.shape[1], device=initial.device)
-        self.perturbed = [perturb_parameters(teacher, batch, labels, self.dwa_rho, self.dwa_steps) for batch in initial]
+        positions = range(len(initial)) if setup.image_positions is None else setup.image_positions
+        self.perturbed = {position: perturb_parameters(teacher, initial[position], labels, self.dwa_rho,
+                                                       self.dwa_steps) for position in positions}
 
-    def batch_losses(self, batches: Tensor, labels: Tensor) -> Tensor:
+    def batch_losses(self, batches: Tensor, labels: Tensor, positions: Sequence[int] | None = None) -> Tensor:
         """Recovery loss of every batch against that batch's perturbed teacher (one pass per batch)."""
-        if len(self.perturbed) != len(batches):
-            raise RuntimeError(f"DWA holds {len(self.perturbed)} perturbed teachers for {len(batches)} batches")
+        positions = list(range(len(batches))) if positions is None else list(positions)
+        missing = [position for position in positions if position not in self.perturbed]
+        if len(positions) != len(batches) or missing:
+            raise RuntimeError(f"DWA holds perturbed teachers for batches {sorted(self.perturbed)}, asked for {positions}")
         teacher = self._teacher()
         losses = []
-        for batch, parameters in zip(batches, self.perturbed):
+        for batch, position in zip(batches, positions):
+            parameters = self.perturbed[position]
             cross_entropy, batch_norm = recovery_terms(teacher, batch.unsqueeze(0), labels, self.first_bn_weight,
                                                        self.variance_weight, parameters)
             losses.append(cross_entropy + self.bn_weight * batch_norm)
