@@ -31,7 +31,7 @@ from infodistill.augment import DSA
 from infodistill.distill import DistillConfig, RegularizerTerm, build_method, distill, make_context, run_iteration
 from infodistill.evaluate import EvalConfig, evaluate_set, random_subset
 from infodistill.pools import ProxyPool, train_proxy_pool
-from infodistill.precision import PRECISIONS
+from infodistill.precision import COMPUTE_PRECISIONS as PRECISIONS
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
 
@@ -95,7 +95,8 @@ def distillation_rows(args, real, pool_dir: Path, work: Path, device: torch.devi
     base = DistillConfig(method="dm", ipc=args.ipc, iterations=args.distill_iterations, batch_real=args.batch_real,
                          cmi_weight="auto", proxies=str(pool_dir), seed=args.seed, device=str(device),
                          checkpoint_every=args.distill_iterations)
-    evaluation = EvalConfig(runs=args.eval_runs, epochs=args.eval_epochs, seed=args.seed, device=str(device))
+    evaluation = EvalConfig(runs=args.eval_runs, epochs=args.eval_epochs, seed=args.seed, device=str(device),
+                            precision="fp32")  # every set scored alike, in fp32
     rows = {}
     for precision in PRECISIONS:
         result = distill(dataclasses.replace(base, precision=precision), work / f"dm-cmi-{precision}", progress=False,

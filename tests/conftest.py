@@ -75,3 +75,10 @@ def initial_pixel_images(config, real):
     generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
     return PixelSet.initialise(ClassSampler(images, labels, real.info.num_classes), config.ipc, "real",
                                generator).images().detach()
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """Every test in this process runs as on a CPU without native bf16 instructions, so that precision 'auto'
+    resolves to fp32 on any machine and the fp32 references hold; tests of 'auto' patch it back."""
+    monkeypatch.setattr("infodistill.precision.cpu_has_native_bf16", lambda cpuinfo=None: False)

@@ -37,8 +37,10 @@ from infodistill.parallel import partition, without_nproc
 from infodistill.pools import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
 
+# fp32 given: the processes started here resolve 'auto' on this machine's CPU, the tests' own process as on a CPU
+# without native bf16 (conftest.py).
 TINY = ["--method", "dm", "--ipc", "2", "--iterations", "3", "--model", "ConvNet-1-8", "--batch-real", "8",
-        "--checkpoint-every", "2", "--quiet"]
+        "--checkpoint-every", "2", "--quiet", "--precision", "fp32"]
 
 
 @pytest.fixture
@@ -138,7 +140,8 @@ def test_two_processes_evaluate_the_same_runs_as_one(striped_root, tmp_path, cap
     subset = tmp_path / "subset.safetensors"
     assert main(["baseline", "--ipc", "2", "--out", str(subset)]) == 0
     capsys.readouterr()
-    argv = ["evaluate", str(subset), "--models", "ConvNet-1-8,ConvNet-1-4", "--runs", "2", "--epochs", "1"]
+    argv = ["evaluate", str(subset), "--models", "ConvNet-1-8,ConvNet-1-4", "--runs", "2", "--epochs", "1",
+            "--precision", "fp32"]
     assert main([*argv, "--out", str(tmp_path / "one.json")]) == 0
     printed_one = capsys.readouterr().out
     completed, _ = run_command(*argv, "--out", tmp_path / "two.json", "--nproc", "2")
@@ -186,8 +189,6 @@ def test_a_process_that_dies_ends_the_run_with_one_clear_line(striped_root, tmp_
     (["--nproc", "11"], {}, "11 processes is more than the 10 classes"),
     (["--nproc", "0"], {}, "--nproc must be a positive integer, got 0"),
     (["--nproc", "2"], {"WORLD_SIZE": "2"}, "cannot be used under torchrun (WORLD_SIZE=2"),
-    (["--nproc", "2", "--method", "idc"], {}, "method 'idc' does not split over processes yet; in 2 processes the "
-                                              "supported methods are: datm, dc, dm, dsa, dwa, mtt, sre2l"),
     (["--nproc", "2", "--method", "mtt", "--experts", "x"], {},
      "2 processes is more than the 1 trajectories per iteration (--trajectories)"),
     (["--nproc", "3", "--method", "sre2l", "--teacher", "x"], {}, "3 processes is more than the 2 images per class"),
@@ -230,8 +231,19 @@ def test_plan_divides_each_method_by_its_own_unit(striped_root):
     assert plan_split(DistillConfig(method="sre2l", teacher="t", ipc=5), 2, 10) == ("images", [[0, 1, 2], [3, 4]])
     assert plan_split(DistillConfig(method="datm", experts="e", trajectories=4), 3, 10) == \
         ("trajectories", [[0, 1], [2], [3]])
-    with pytest.raises(UserInputError, match="method 'idc' does not split.*supported methods are: datm, dc, dm, dsa"):
-        plan_split(DistillConfig(method="idc"), 2, 10)
+    assert plan_split(DistillConfig(method="idc"), 4, 10) == ("classes", [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]])
+
+    @register_method("dm-one-process")
+    class OneProcess(DistributionMatching):
+        process_split = None
+
+    try:
+        with pytest.raises(UserInputError, match="method 'dm-one-process' does not split over processes yet; in 2 "
+                                                 "processes the supported methods are: datm, dc, dm, dsa, dwa, idc, "
+                                                 "mtt, sre2l; run it in one process"):
+            plan_split(DistillConfig(method="dm-one-process"), 2, 10)
+    finally:
+        METHOD_REGISTRY.pop("dm-one-process")
 
 
 def test_a_method_tied_to_its_process_count_refuses_another_on_resume(real, tmp_path):
@@ -272,6 +284,25 @@ def test_two_processes_distil_dsa_with_cmi_into_the_same_set_as_one(striped_root
     completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
     _same_files(RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two"))  # measured bit for bit on CPU
+
+
+def test_two_processes_distil_idc_with_cmi_into_the_same_set_as_one(striped_root, pool_dir, tmp_path, capsys):
+    """IDC split by class: its per-class updates run in sequence, each an optimiser step over the whole set; a
+    process takes the other classes' steps with a zero gradient (so momentum moves its own images as in one
+    process) after making their random draws, the CMI term's proxy draw included."""
+    argv = ["distill", "--method", "idc", "--ipc", "2", "--iterations", "2", "--model", "ConvNet-1-8",
+            "--batch-real", "8", "--outer-loop", "2", "--net-steps", "1", "--batch-net", "16", "--checkpoint-every",
+            "1", "--quiet", "--cmi-weight", "10", "--proxies", pool_dir]
+    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    assert completed.returncode == 0, completed.stderr
+    one, two = RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two")
+    _same_files(one, two)  # measured bit for bit on CPU
+    lines_one = [json.loads(line) for line in one.metrics.read_text().splitlines()]
+    lines_two = [json.loads(line) for line in two.metrics.read_text().splitlines()]
+    for a, b in zip(lines_one, lines_two):
+        assert b == {key: pytest.approx(value, rel=1e-5) for key, value in a.items()}
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import initial_pixel_images
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -30,6 +31,7 @@ from infodistill.distill import (
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
     EvalConfig,
+    bf16_measured,
     evaluate_set,
     random_subset,
     run_seeds,
@@ -37,7 +39,7 @@ from infodistill.evaluate import (
     use_batched_training,
 )
 from infodistill.pools import ProxyPool, train_proxy_pool
-from infodistill.precision import autocast_context
+from infodistill.precision import autocast_context, cpu_has_native_bf16, resolve_precision
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet, build_synthetic
 
@@ -110,8 +112,8 @@ def test_the_method_and_the_regularizer_forward_in_the_runs_precision_and_the_se
 
 
 def test_fp32_is_the_computation_from_before_the_setting(real, pool_dir, tmp_path, monkeypatch):
-    config = DistillConfig(**TINY, proxies=str(pool_dir), checkpoint_every=1)  # precision not given
-    assert config.precision == "fp32"
+    config = DistillConfig(**TINY, proxies=str(pool_dir), checkpoint_every=1)  # precision not given: 'auto',
+    assert config.precision == "auto"  # which is fp32 on a CPU without native bf16 (conftest.py)
     default = distill(config, tmp_path / "default", progress=False, real=real)
     # the same run with every precision hook of the loop and of DM replaced by the plain code
     monkeypatch.setattr(distill_module, "computed_in", lambda precision, device, steps: steps)
@@ -126,6 +128,7 @@ def test_fp32_is_the_computation_from_before_the_setting(real, pool_dir, tmp_pat
         assert ours[1] == theirs[1] and ours[0].keys() == theirs[0].keys()
         assert all(torch.equal(tensor, theirs[0][name]) for name, tensor in ours[0].items())
     assert "precision" not in load_set(default.artefact).metadata.extra
+    assert yaml.safe_load((tmp_path / "default" / "config.yaml").read_text())["precision"] == "fp32"
 
 
 def safetensors_content(path) -> tuple[dict, dict]:
@@ -189,13 +192,13 @@ def test_bad_precision_is_refused_in_yaml_and_flags(tmp_path, capsys):
     assert main(["distill", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert main(["evaluate", str(tmp_path / "missing.safetensors"), "--config", str(bad)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and all("precision 'fp16' is not one of: fp32, bf16" in line for line in errors)
+    assert len(errors) == 2 and all("precision 'fp16' is not one of: auto, fp32, bf16" in line for line in errors)
     assert not (tmp_path / "run").exists()
     for command in (["distill"], ["evaluate", "set.safetensors"]):
         with pytest.raises(SystemExit) as exit_:
             main([*command, "--precision", "fp16"])
         assert exit_.value.code == 2 and "fp16" in capsys.readouterr().err
-    with pytest.raises(UserInputError, match="precision 'half' is not one of: fp32, bf16"):
+    with pytest.raises(UserInputError, match="precision 'half' is not one of: auto, fp32, bf16"):
         DistillConfig(precision="half").validate()
 
 
@@ -214,8 +217,9 @@ def test_autocast_context_is_plain_for_fp32_and_bf16_autocast_otherwise():
         assert layer(torch.ones(1, 4)).dtype == torch.float32
     with autocast_context("bf16", torch.device("cpu")):
         assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
-    with pytest.raises(UserInputError, match="precision 'fp16'"):
-        autocast_context("fp16", "cpu")
+    for unresolved in ("fp16", "auto"):  # a programming error: the loop resolves 'auto' before computing
+        with pytest.raises(ValueError, match=f"precision '{unresolved}' must be resolved"):
+            autocast_context(unresolved, "cpu")
 
 
 def test_a_network_trained_inside_one_bf16_region_uses_its_new_weights():
@@ -243,3 +247,52 @@ def test_data_handling_stays_float32_under_autocast(real):
     with autocast_context("bf16", "cpu"):
         mixed = (dsa.apply(batch, params), lowrank.images(), lowrank.class_images(3))
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(plain, mixed))
+
+
+# ---- precision 'auto' -----------------------------------------------------------------------------------------
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    # cpu_has_native_bf16 is the real function (imported before conftest.py patches the module's name)
+    assert cpu_has_native_bf16("flags : fpu sse avx512f avx512_bf16 avx512_vnni")
+    assert cpu_has_native_bf16("flags : fpu amx_bf16 amx_tile")
+    assert not cpu_has_native_bf16("flags : fpu sse avx2 avx512f")
+
+
+@pytest.mark.parametrize("native, device, measured, expected", [
+    (True, "cpu", True, "bf16"),
+    (True, "cpu", False, "fp32"),   # not measured: fp32
+    (True, "cuda", True, "fp32"),   # no GPU measured: fp32
+    (False, "cpu", True, "fp32"),   # no native bf16: fp32
+])
+def test_auto_is_bf16_only_where_it_was_measured(monkeypatch, native, device, measured, expected):
+    monkeypatch.setattr("infodistill.precision.cpu_has_native_bf16", lambda cpuinfo=None: native)
+    assert resolve_precision("auto", device, measured) == expected
+    assert resolve_precision("fp32", device, measured) == "fp32"  # explicit values pass through
+    assert resolve_precision("bf16", device, measured) == "bf16"
+
+
+def test_auto_distils_dm_in_bf16_and_other_methods_in_fp32_on_a_bf16_cpu(real, tmp_path, monkeypatch):
+    monkeypatch.setattr("infodistill.precision.cpu_has_native_bf16", lambda cpuinfo=None: True)
+    settings = dict(model="ConvNet-1-8", batch_real=8, ipc=2, iterations=2, monitor_every=0)
+    auto = distill(DistillConfig(**settings), tmp_path / "auto", progress=False, real=real)
+    explicit = distill(DistillConfig(**settings, precision="bf16"), tmp_path / "bf16", progress=False, real=real)
+    assert auto.config.precision == "bf16"
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["precision"] == "bf16"
+    ours, theirs = load_file(str(auto.artefact)), load_file(str(explicit.artefact))
+    assert all(torch.equal(tensor, theirs[name]) for name, tensor in ours.items())
+    dsa = distill(DistillConfig(**settings, method="dsa", outer_loop=1), tmp_path / "dsa", progress=False, real=real)
+    assert dsa.config.precision == "fp32"
+    # resuming the auto run: the recorded bf16 is what 'auto' resolves to again, so the settings match
+    distill(DistillConfig(**{**settings, "iterations": 3}), tmp_path / "auto", resume=True, progress=False, real=real)
+
+
+def test_auto_evaluates_convnets_with_the_protocol_in_bf16_on_a_bf16_cpu(real, monkeypatch):
+    monkeypatch.setattr("infodistill.precision.cpu_has_native_bf16", lambda cpuinfo=None: True)
+    subset = random_subset(real, 1, seed=0)
+    result = evaluate_set(subset, real, EvalConfig(model="ConvNet-1-8", runs=1, epochs=1), progress=False)
+    assert result.precision == "bf16"
+    assert bf16_measured(EvalConfig(model="ConvNet-3"))
+    assert not bf16_measured(EvalConfig(model="AlexNet"))
+    assert not bf16_measured(EvalConfig(model="ConvNet-3", recipe="kd"))
+    assert not bf16_measured(EvalConfig(model="ConvNet-3", batched="on"))

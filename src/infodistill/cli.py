@@ -239,7 +239,7 @@ def _check_devices(nproc: int, device_name: str) -> None:
 
 def command_distill(args: argparse.Namespace) -> int:
     """Distil a dataset into a few synthetic images per class with a method and optional CMI regularizer.
-    With --nproc N (or under torchrun) the work is split over N processes: by class (DM, DC, DSA), by image
+    With --nproc N (or under torchrun) the work is split over N processes: by class (DM, DC, DSA, IDC), by image
     (SRe2L, DWA) or by trajectory (MTT, DATM); see docs/distributed.md."""
     from infodistill.distill import (
         CONFIG_NAME,
@@ -424,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", metavar="cpu|cuda", help=f"device (default: {defaults.device})")
     evaluate.add_argument("--precision", choices=PRECISIONS,
                           help="arithmetic of the training and test forward passes: bf16 runs them under autocast, "
-                               f"the weights and the optimiser stay float32 (default: {defaults.precision})")
+                               "the weights and the optimiser stay float32; auto is bf16 for ConvNets (protocol "
+                               "recipe) on CPUs with native bf16, else fp32 (docs/precision.md) "
+                               f"(default: {defaults.precision})")
     evaluate.add_argument("--config", metavar="FILE.yaml", help="YAML file with evaluation settings (flags win)")
     evaluate.add_argument("--out", type=_json_path, metavar="FILE.json",
                           help="also write the results as FILE.json ({set, dataset, results: [...]}) and FILE.csv")
@@ -520,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--device", metavar="cpu|cuda", help="device (default: cpu)")
     distill.add_argument("--precision", choices=PRECISIONS,
                          help="arithmetic of the networks' forward passes: bf16 runs them under autocast, the images "
-                              "and the optimiser stay float32; fixed for a run (docs/precision.md) (default: fp32)")
+                              "and the optimiser stay float32; auto is bf16 for DM on CPUs with native bf16, else "
+                              "fp32; fixed for a run (docs/precision.md) (default: auto)")
     distill.add_argument("--checkpoint-every", type=int, metavar="N", help="iterations between checkpoints (default: 100)")
     distill.add_argument("--eval-every", type=int, metavar="N", help="evaluate the set every N iterations (default: 0, off)")
     distill.add_argument("--monitor-every", type=int, metavar="N",
@@ -534,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     distill.add_argument("--quiet", action="store_true", help="no progress bar")
     distill.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_process_flags(distill, "the work is split over N processes: by class (dm, dc, dsa), by image (sre2l, "
+    _add_process_flags(distill, "the work is split over N processes: by class (dm, dc, dsa, idc), by image (sre2l, "
                        "dwa) or by trajectory (mtt, datm, with --trajectories)")
     distill.set_defaults(handler=command_distill)
 

@@ -61,7 +61,7 @@ from infodistill.parallel import (
     rank_device,
 )
 from infodistill.pools import LoadCache, ProxyPool, load_proxy_pool
-from infodistill.precision import autocast_context, check_precision, to_fp32
+from infodistill.precision import autocast_context, check_precision, resolve_precision, to_fp32
 from infodistill.regularizers import CMIRegularizer, MIMRegularizer, Regularizer
 from infodistill.synthetic import (
     INITS,
@@ -156,7 +156,7 @@ class DistillConfig:
     cmi_proxies_per_step: int = 1
     seed: int = 0
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = "auto"
     data_root: str | None = None
     checkpoint_every: int = 100
     eval_every: int = 0
@@ -607,10 +607,21 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
     updates = 0
     for step in computed_in(precision, device, method.iteration(context)):
         matching, label = (step.loss, step.label) if isinstance(step, ClassUpdate) else (step, None)
+        active = [term for term in terms if term.active(context.iteration)]
+        if matching is None:  # another process's class update (a run split by class): its draws, a zero step
+            numbers = _summed_over_processes(_skipped_update(method, active, context), group)
+            if not math.isfinite(numbers["loss/total"]):
+                raise LossDiverged(f"the loss became {numbers['loss/total']} at iteration {context.iteration}")
+            for parameter in learned:
+                parameter.grad = torch.zeros_like(parameter)
+            _step(optimizer, method, synthetic, average)
+            for name, value in numbers.items():
+                sums[name] = sums.get(name, 0.0) + value
+            updates += 1
+            continue
         matching = to_fp32(matching)
         values = {f"loss/{method.name}": matching}
         total = matching
-        active = [term for term in terms if term.active(context.iteration)]
         if active:
             images, labels = _regularized_images(synthetic, label, classes)
             for term in active:
@@ -634,15 +645,30 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
         total.backward(inputs=learned)  # only the set and the method's tensors learn; networks stay untouched
         if replicated:
             _sum_gradients_over_processes(learned, group)
-        optimizer.step()
-        with torch.no_grad():
-            method.project(synthetic)
-        if average is not None:
-            average.update(synthetic)
+        _step(optimizer, method, synthetic, average)
         for name, value in numbers.items():
             sums[name] = sums.get(name, 0.0) + value
         updates += 1
     return {name: value / max(updates, 1) for name, value in sums.items()}
+
+
+def _skipped_update(method: Method, active: list[RegularizerTerm], context: DistillContext) -> dict[str, torch.Tensor]:
+    """For a class update another process computes: make the active regularizers' random draws, and give
+    zero for every loss term (the owner's terms make up the sums over the processes)."""
+    for term in active:
+        term.regularizer.skip_draws(context.generator)
+    zero = torch.zeros((), device=getattr(context, "device", torch.device("cpu")))
+    return {f"loss/{method.name}": zero, **{f"loss/{term.name}": zero for term in active}, "loss/total": zero}
+
+
+def _step(optimizer: torch.optim.Optimizer, method: Method, synthetic: SyntheticSet,
+          average: ImageAverage | None) -> None:
+    """The optimiser step, the method's projection and the image average's update, after every image update."""
+    optimizer.step()
+    with torch.no_grad():
+        method.project(synthetic)
+    if average is not None:
+        average.update(synthetic)
 
 
 def _learned_groups(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
@@ -717,6 +743,8 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint") from None
     current = dataclasses.asdict(config)
+    current["precision"] = resolve_precision(config.precision, resolve_device(config.device),
+                                             method_class(config.method).bf16_measured)
     stored = {**{key: value for key, value in SETTINGS_OF_OLDER_RUNS.items() if key in current}, **stored}
     for key, value in stored.items():
         if key not in RESUMABLE_CHANGES and current.get(key) != value:
@@ -906,6 +934,9 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     files = RunFiles(out_dir)
     check_out_dir(files, resume)
     device = rank_device(group, resolve_device(config.device))
+    # 'auto' is fixed here, so config.yaml and the checkpoint record what the run computes in.
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device,
+                                                                     method_class(config.method).bf16_measured))
     writer = is_main(group)
     real = real if real is not None else load_dataset(config.dataset, data_root=config.data_root)
     if config.zca > 0:
@@ -1056,5 +1087,6 @@ def _evaluate_now(snapshot: DistilledSet, real: RealData, config: DistillConfig,
                   device: torch.device | None = None) -> float:
     """Mean test accuracy of the current set under the evaluation protocol (periodic evaluation)."""
     eval_config = EvalConfig(model=config.eval_model, epochs=config.eval_epochs, runs=config.eval_runs,
-                             seed=config.seed, device=str(device) if device is not None else config.device)
+                             seed=config.seed, device=str(device) if device is not None else config.device,
+                             precision="fp32")
     return evaluate_set(snapshot, real, eval_config, progress=False).mean

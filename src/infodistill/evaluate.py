@@ -40,7 +40,7 @@ from infodistill.errors import UserInputError
 from infodistill.files import atomic_path
 from infodistill.models import build_model, model_names_help, parse_model_name
 from infodistill.parallel import ProcessGroup, all_gather_objects, rank_device
-from infodistill.precision import autocast_context, check_precision, to_fp32
+from infodistill.precision import autocast_context, check_precision, resolve_precision, to_fp32
 
 AUGMENTATIONS = ("dsa", "none")
 LR_SCHEDULES = ("half", "constant", "cosine")
@@ -77,7 +77,7 @@ class EvalConfig:
     optimizer: str = "sgd"
     temperature: float = 1.0
     recipe: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
 
     def validate(self) -> None:
         """Refuse values outside their range, naming the value and what is allowed."""
@@ -107,7 +107,7 @@ class EvalConfig:
         parse_model_name(self.model)
         resolve_device(self.device)
         check_precision(self.precision)
-        if self.batched == "on" and self.precision != "fp32":
+        if self.batched == "on" and self.precision == "bf16":
             raise UserInputError(f"batched 'on' cannot compute in {self.precision}: autocast does not reach the "
                                  "convolutions of the vectorised (vmap) training; use batched 'auto' or 'off'")
 
@@ -297,6 +297,13 @@ def _train_together(models: Sequence[nn.Module], job: _TrainingJob) -> None:
                 buffer.copy_(buffers[name][run])
 
 
+def bf16_measured(config: EvalConfig) -> bool:
+    """Whether evaluating with ``config`` in bf16 was measured faster with the accuracy held, so that
+    ``precision: auto`` may use it: ConvNet models trained with the protocol recipe (not KD), one run at a
+    time (docs/precision.md)."""
+    return parse_model_name(config.model).family == "ConvNet" and config.recipe != "kd" and config.batched != "on"
+
+
 def use_batched_training(config: EvalConfig, device: torch.device) -> bool:
     """Whether to train the runs together. 'auto': on GPUs, where small batches leave the device idle;
     on CPU the vectorised path measured slower than the plain one (benchmarks/README.md). Never in bf16:
@@ -329,6 +336,7 @@ def train_from_scratch(
     Returns the models and whether they were trained together (vectorised).
     """
     device = resolve_device(config.device)
+    config = replace(config, precision=resolve_precision(config.precision, device, measured=False))
     channels, height, width = images.shape[1:]
     models = [
         build_model(config.model, channels=channels, num_classes=num_classes, image_size=(height, width), seed=seed).to(device)
@@ -382,6 +390,8 @@ def evaluate_set(
     if config.recipe == "kd" or (config.recipe == "auto" and soft and relabelled):
         temperature = float(distilled.metadata.extra.get("relabel_temperature", config.temperature))
         config = replace(config, **KD_RECIPE, temperature=temperature, use_learned_lr=False, recipe="kd")
+    config = replace(config, precision=resolve_precision(config.precision, resolve_device(config.device),
+                                                         bf16_measured(config)))
     learned_lr = config.use_learned_lr and distilled.lr is not None
     lr = float(distilled.lr.item()) if learned_lr else config.lr
     seeds = run_seeds(config.seed, config.runs)

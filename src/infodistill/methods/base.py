@@ -158,10 +158,14 @@ class ClassUpdate:
     """A matching loss that concerns one class only (IDC's per-class updates).
 
     A method yields this instead of a bare loss when the image update is about class ``label``;
-    the loop then computes the regularizers on that class's images alone.
+    the loop then computes the regularizers on that class's images alone. In a run split by class a
+    process yields ``loss=None`` for a class another process owns (after making that class's random
+    draws): the loop then makes the regularizers' draws and takes the optimiser step with a zero gradient,
+    which moves the images only through the optimiser's momentum, as the one-process step does for every
+    class but ``label``.
     """
 
-    loss: torch.Tensor
+    loss: torch.Tensor | None
     label: int
 
 
@@ -208,6 +212,9 @@ class Method(ABC):
     * ``"trajectories"``: the loss is a mean over independent trajectories; the method computes those of
       ``context.owned_trajectories(count)``, each from ``context.trajectory_generator(k)``, and divides by
       the total count. Every process holds and steps the whole set; the loop sums the gradients."""
+    bf16_measured: ClassVar[bool] = False
+    """True when distilling with this method in bf16 was measured as fast or faster with the accuracy held
+    (benchmarks/bench_precision.py): ``precision: auto`` then computes it in bf16 on CPUs with native bf16."""
     resumable_with_other_process_count: ClassVar[bool] = True
     """False when a checkpoint of this method is only valid for the process count that wrote it (a
     decomposition whose state is not the full set); resuming with another count is then refused."""

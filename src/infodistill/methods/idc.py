@@ -120,6 +120,10 @@ def _positive_int(value: object, what: str) -> int:
 class IDC(Method):
     """IDC's condensation: per-class gradient matching on networks trained online on real data.
 
+    Split by class over processes: a process makes every class's draws but computes the losses of its own
+    classes only, and yields ``ClassUpdate(None, label)`` for the others (``docs/distributed.md``); the
+    network trains on real data, so no process needs the others' images.
+
     ``outer_loop`` defaults to the published 100 image updates per network; ``net_steps`` to the
     published amount of real-data training for the run's dataset (:meth:`published_net_steps`).
     """
@@ -144,6 +148,8 @@ class IDC(Method):
 
     BATCH_NORM_IMAGES_PER_CLASS: ClassVar[int] = 16
     """Real images per class used to set batch-norm statistics before matching (as DC/DSA here)."""
+
+    process_split = "classes"
 
     def __init__(
         self,
@@ -207,8 +213,12 @@ class IDC(Method):
         for outer in range(outer_loop):
             if batch_norm:
                 context.calibrate_batch_norm(network, self.BATCH_NORM_IMAGES_PER_CLASS)
+            owned = set(context.owned_classes())
             for label in range(context.synthetic.num_classes):
                 real, synthetic = self.class_batches(context, label)
+                if label not in owned:
+                    yield ClassUpdate(None, label)
+                    continue
                 yield ClassUpdate(self.class_loss(network, matched, real, synthetic, label), label)
             if outer == outer_loop - 1:
                 break
