@@ -6,6 +6,7 @@ own way, docs/distributed.md):
 
 * ``dm`` (default): --batch-real real images per class, ``--cmi-weight 1 --proxies POOL`` (split by class);
 * ``dsa``: the same with ``--outer-loop`` / ``--inner-loop`` (split by class; inner training repeated);
+* ``idc``: the same with ``--outer-loop`` and ``--net-steps`` (split by class; real-data training repeated);
 * ``sre2l``: recovery from a ConvNet-3-32-bn teacher (split by image position);
 * ``mtt``: ``--trajectories 2``, ``--syn-steps``, experts trained here, ``--cmi-weight 1`` (split by trajectory).
  The seconds per iteration are the difference of the two wall times
@@ -22,7 +23,7 @@ The pool (ConvNet-3-32, --pool-count proxies, 1 epoch on --pool-train-per-class 
 trained here unless --pool names one; so are the teacher (1 network like a pool's, with batch norm) and the
 experts (2 x --expert-train-epochs epochs on the same subset). Prints one JSON object (and writes it with --out).
 
-    python benchmarks/bench_distributed.py [--method dm|dsa|sre2l|mtt] [--iterations 30] [--short-iterations 5]
+    python benchmarks/bench_distributed.py [--method dm|dsa|idc|sre2l|mtt] [--iterations 30] [--short-iterations 5]
         [--repeats 1] [--out FILE.json]
 """
 
@@ -60,6 +61,10 @@ def _dsa(args: argparse.Namespace, inputs: dict[str, Path]) -> list[str]:
     return [*_dm(args, inputs), "--outer-loop", str(args.outer_loop), "--inner-loop", str(args.inner_loop)]
 
 
+def _idc(args: argparse.Namespace, inputs: dict[str, Path]) -> list[str]:
+    return [*_dm(args, inputs), "--outer-loop", str(args.outer_loop), "--net-steps", str(args.inner_loop)]
+
+
 def _sre2l(args: argparse.Namespace, inputs: dict[str, Path]) -> list[str]:
     return ["--teacher", str(inputs["teacher"])]
 
@@ -70,7 +75,7 @@ def _mtt(args: argparse.Namespace, inputs: dict[str, Path]) -> list[str]:
             "--proxies", str(inputs["pool"])]
 
 
-METHODS = {"dm": (_dm, ("pool",)), "dsa": (_dsa, ("pool",)), "sre2l": (_sre2l, ("teacher",)),
+METHODS = {"dm": (_dm, ("pool",)), "dsa": (_dsa, ("pool",)), "idc": (_idc, ("pool",)), "sre2l": (_sre2l, ("teacher",)),
            "mtt": (_mtt, ("pool", "experts"))}
 """Method -> (its command-line settings, the trained inputs it needs)."""
 
@@ -145,8 +150,9 @@ def main() -> None:
     parser.add_argument("--pool", help="an existing proxy pool to use (default: train one)")
     parser.add_argument("--pool-count", type=int, default=2)
     parser.add_argument("--pool-train-per-class", type=int, default=500)
-    parser.add_argument("--outer-loop", type=int, default=10, help="dsa: image updates per network")
-    parser.add_argument("--inner-loop", type=int, default=10, help="dsa: network epochs between them")
+    parser.add_argument("--outer-loop", type=int, default=10, help="dsa, idc: image updates per network")
+    parser.add_argument("--inner-loop", type=int, default=10,
+                        help="dsa: network epochs between them; idc: real-data network steps between them")
     parser.add_argument("--syn-steps", type=int, default=20, help="mtt: student steps per trajectory")
     parser.add_argument("--expert-train-epochs", type=int, default=3, help="mtt: epochs of each expert")
     parser.add_argument("--seed", type=int, default=0)

@@ -59,6 +59,14 @@ def run_command(*argv, env_extra=None, timeout=120):
     return completed, time.perf_counter() - started
 
 
+def one_process(*argv):
+    """The one-process run of a comparison, in a subprocess with one thread like each process of the split run:
+    the kernels then sum in the same order (with other thread counts DSA's and MTT's sets differ by rounding,
+    benchmarks/README.md)."""
+    completed, _ = run_command(*argv)
+    assert completed.returncode == 0, completed.stderr
+
+
 @pytest.mark.parametrize("classes, processes", [(10, 1), (10, 2), (10, 3), (10, 4), (7, 7), (3, 2)])
 def test_partition_gives_contiguous_parts_differing_by_at_most_one(classes, processes):
     parts = partition(classes, processes)
@@ -109,7 +117,7 @@ def test_the_split_loss_and_its_gradients_add_up_to_the_whole_in_one_process(rea
 
 def test_two_processes_distil_dm_with_cmi_into_the_same_set_as_one(striped_root, pool_dir, tmp_path, capsys):
     argv = ["distill", *TINY, "--cmi-weight", "auto", "--proxies", pool_dir, "--monitor-every", "2"]
-    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
     completed, seconds = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
@@ -279,7 +287,7 @@ def test_two_processes_distil_dsa_with_cmi_into_the_same_set_as_one(striped_root
     argv = ["distill", "--method", "dsa", "--ipc", "2", "--iterations", "2", "--model", "ConvNet-1-8",
             "--batch-real", "8", "--outer-loop", "3", "--inner-loop", "1", "--checkpoint-every", "1", "--quiet",
             "--cmi-weight", "10", "--proxies", pool_dir]
-    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
     completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
@@ -293,7 +301,7 @@ def test_two_processes_distil_idc_with_cmi_into_the_same_set_as_one(striped_root
     argv = ["distill", "--method", "idc", "--ipc", "2", "--iterations", "2", "--model", "ConvNet-1-8",
             "--batch-real", "8", "--outer-loop", "2", "--net-steps", "1", "--batch-net", "16", "--checkpoint-every",
             "1", "--quiet", "--cmi-weight", "10", "--proxies", pool_dir]
-    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
     completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
@@ -317,7 +325,7 @@ def test_two_processes_recover_dwa_into_the_same_set_as_one(striped_root, teache
     their own perturbed teachers, computed only there; rank 0 relabels the gathered set."""
     argv = ["distill", "--method", "dwa", "--teacher", teacher_dir, "--ipc", "3", "--iterations", "3",
             "--dwa-steps", "2", "--checkpoint-every", "2", "--quiet"]
-    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
     completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
@@ -365,7 +373,7 @@ def test_two_processes_split_mtt_trajectories_into_the_one_process_set(striped_r
     argv = ["distill", "--method", "mtt", "--experts", experts_dir, "--ipc", "2", "--iterations", "3",
             "--model", "ConvNet-1-8", "--syn-steps", "2", "--expert-epochs", "2", "--max-start-epoch", "2",
             "--trajectories", "2", "--checkpoint-every", "2", "--cmi-weight", "1", "--proxies", pool_dir, "--quiet"]
-    assert main([*map(str, argv), "--out", str(tmp_path / "one")]) == 0
+    one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
     completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
@@ -388,12 +396,12 @@ def test_a_run_split_by_image_resumes_in_another_process_count(striped_root, tea
     4 uninterrupted iterations in one process: the checkpoint holds the whole set and Adam's state."""
     argv = ["distill", "--method", "sre2l", "--teacher", teacher_dir, "--ipc", "2", "--lr-schedule", "constant",
             "--checkpoint-every", "2", "--quiet"]
-    assert main([*map(str, argv), "--iterations", "4", "--out", str(tmp_path / "straight")]) == 0
+    one_process(*argv, "--iterations", "4", "--out", tmp_path / "straight")
     completed, _ = run_command(*argv, "--iterations", "2", "--out", tmp_path / "split", "--nproc", "2",
                                "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
     with safe_open(str(tmp_path / "split" / "checkpoint.safetensors"), "pt") as handle:
         assert handle.metadata()["processes"] == "2"
     capsys.readouterr()
-    assert main([*map(str, argv), "--iterations", "4", "--out", str(tmp_path / "split"), "--resume"]) == 0
+    one_process(*argv, "--iterations", "4", "--out", tmp_path / "split", "--resume")
     _same_files(RunFiles(tmp_path / "straight"), RunFiles(tmp_path / "split"), names=("artefact",))
