@@ -609,14 +609,10 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
         matching, label = (step.loss, step.label) if isinstance(step, ClassUpdate) else (step, None)
         active = [term for term in terms if term.active(context.iteration)]
         if matching is None:  # another process's class update (a run split by class): its draws, a zero step
-            numbers = _summed_over_processes(_skipped_update(method, active, context), group)
-            if not math.isfinite(numbers["loss/total"]):
-                raise LossDiverged(f"the loss became {numbers['loss/total']} at iteration {context.iteration}")
+            _add_update(sums, _skipped_update(method, active, context), context.iteration, group)
             for parameter in learned:
                 parameter.grad = torch.zeros_like(parameter)
             _step(optimizer, method, synthetic, average)
-            for name, value in numbers.items():
-                sums[name] = sums.get(name, 0.0) + value
             updates += 1
             continue
         matching = to_fp32(matching)
@@ -638,18 +634,33 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
                 values[f"loss/{term.name}"] = value
                 total = total + term.weight * value
         values["loss/total"] = total
-        numbers = _summed_over_processes(values, group)
-        if not math.isfinite(numbers["loss/total"]):
-            raise LossDiverged(f"the loss became {numbers['loss/total']} at iteration {context.iteration}")
+        _add_update(sums, values, context.iteration, group)
         optimizer.zero_grad(set_to_none=True)
         total.backward(inputs=learned)  # only the set and the method's tensors learn; networks stay untouched
         if replicated:
             _sum_gradients_over_processes(learned, group)
         _step(optimizer, method, synthetic, average)
-        for name, value in numbers.items():
-            sums[name] = sums.get(name, 0.0) + value
         updates += 1
+    if group.distributed:  # one exchange per iteration, so that no process waits for another at every update
+        sums = _summed_over_processes({name: torch.tensor(value, dtype=torch.float64) for name, value in sums.items()},
+                                      group)
+        _check_finite(sums["loss/total"], context.iteration)
     return {name: value / max(updates, 1) for name, value in sums.items()}
+
+
+def _add_update(sums: dict[str, float], values: dict[str, torch.Tensor], iteration: int, group: ProcessGroup) -> None:
+    """Add one update's loss terms to ``sums``. In one process a NaN or infinite total stops the run at once;
+    in several, each process holds only its part, and the total is checked once their sums are exchanged at
+    the end of the iteration (every process then stops together; the last good checkpoint is kept either way)."""
+    for name, value in values.items():
+        sums[name] = sums.get(name, 0.0) + float(value.detach())
+    if not group.distributed:
+        _check_finite(sums["loss/total"], iteration)
+
+
+def _check_finite(total: float, iteration: int) -> None:
+    if not math.isfinite(total):
+        raise LossDiverged(f"the loss became {total} at iteration {iteration}")
 
 
 def _skipped_update(method: Method, active: list[RegularizerTerm], context: DistillContext) -> dict[str, torch.Tensor]:
