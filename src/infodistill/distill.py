@@ -408,11 +408,6 @@ class ProcessSplit:
         """True when every process steps the whole set (gradients summed), False when each steps its rows."""
         return self.kind == "trajectories"
 
-    # Kept for the class split's callers: the classes of this process.
-    @property
-    def classes(self) -> tuple[int, ...] | None:
-        return self.mine if self.kind == "classes" else None
-
     def _rows(self, synthetic: SyntheticSet, tensor: torch.Tensor, part: tuple[int, ...]) -> torch.Tensor:
         """Indices of the rows of ``tensor`` (a stored tensor of the set, or one of its shape) owned by ``part``."""
         per_class, remainder = divmod(tensor.shape[0], synthetic.num_classes)

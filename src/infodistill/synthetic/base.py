@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -58,14 +58,6 @@ class SyntheticSet(nn.Module):
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors to keep in the artefact beside the decoded images (none for pixels)."""
         return {name: parameter.detach() for name, parameter in self.named_parameters()}
-
-    def class_rows(self, tensor: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-        """The rows of the contiguous ``classes`` in a stored tensor (or in one of its shape, e.g. its momentum)."""
-        rows, remainder = divmod(tensor.shape[0], self.num_classes)
-        if remainder or not classes or list(classes) != list(range(classes[0], classes[0] + len(classes))):
-            raise ValueError(f"cannot take rows of classes {list(classes)} from a tensor of shape {list(tensor.shape)} "
-                             f"holding {self.num_classes} classes")
-        return tensor[classes[0] * rows : (classes[-1] + 1) * rows]
 
     def images_by_class(self) -> torch.Tensor:
         """Decoded images grouped per class: classes x images_per_class x C x H x W."""
