@@ -749,8 +749,7 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint") from None
     current = dataclasses.asdict(config)
-    current["precision"] = resolve_precision(config.precision, resolve_device(config.device),
-                                             method_class(config.method).bf16_measured)
+    current["precision"] = run_precision(config, resolve_device(config.device))
     stored = {**{key: value for key, value in SETTINGS_OF_OLDER_RUNS.items() if key in current}, **stored}
     for key, value in stored.items():
         if key not in RESUMABLE_CHANGES and current.get(key) != value:
@@ -910,6 +909,11 @@ def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler
     return RunParts(synthetic, method, optimizer, average, DSA() if config.augment else None)
 
 
+def run_precision(config: DistillConfig, device: torch.device | str) -> str:
+    """The precision a run of ``config`` computes in on ``device``: 'auto' resolved for its method."""
+    return resolve_precision(config.precision, device, method_class(config.method).bf16_measured)
+
+
 def check_out_dir(files: RunFiles, resume: bool) -> None:
     """Refuse to start a run over an existing one, or to resume one that has no checkpoint (reads only)."""
     if resume:
@@ -941,8 +945,7 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     check_out_dir(files, resume)
     device = rank_device(group, resolve_device(config.device))
     # 'auto' is fixed here, so config.yaml and the checkpoint record what the run computes in.
-    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device,
-                                                                     method_class(config.method).bf16_measured))
+    config = dataclasses.replace(config, precision=run_precision(config, device))
     writer = is_main(group)
     real = real if real is not None else load_dataset(config.dataset, data_root=config.data_root)
     if config.zca > 0:
@@ -960,10 +963,10 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
                             image_positions=split.mine if split is not None and split.kind == "images" else None)
     synthetic, method, optimizer, average, augment = (parts.synthetic, parts.method, parts.optimizer, parts.average,
                                                       parts.augment)
-    if split is not None and not split.replicated and (not synthetic.rows_by_class
-                                                       or len(optimizer.param_groups) > 1):
-        raise UserInputError(f"method '{config.method}' with param '{config.param}' learns tensors that mix classes; "
-                             "it cannot split its classes over processes; run it in one process")
+    if split is not None and not split.replicated and len(optimizer.param_groups) > 1:
+        # plan_split has checked the parameterisation; tensors learned beside the set are not split by row
+        raise UserInputError(f"method '{config.method}' learns tensors beside the set, which a run split by "
+                             f"{split.kind} cannot divide; run it in one process")
 
     terms: list[RegularizerTerm] = []
     pool_regularizer = None
