@@ -33,8 +33,8 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--batch-real", type=int, default=64)
-    parser.add_argument("--cmi-fraction", type=float, default=0.1, help="the 'auto' rule's fraction")
-    parser.add_argument("--proxy-arch", default="ConvNet-3-32")
+    parser.add_argument("--cmi-scale", type=float, default=1.0, help="the 'auto' rule's scale of the target gradient ratio")
+    parser.add_argument("--proxy-arch", default="ConvNetGAP-3-32")
     parser.add_argument("--proxy-count", type=int, default=4)
     parser.add_argument("--proxy-epochs", type=int, default=2)
     parser.add_argument("--eval-runs", type=int, default=3)
@@ -56,7 +56,7 @@ def main() -> None:
 
     base = DistillConfig(method="dm", ipc=args.ipc, iterations=args.iterations, batch_real=args.batch_real,
                          seed=args.seed, checkpoint_every=max(1, args.iterations // 4))
-    with_cmi = dataclasses.replace(base, cmi_weight="auto", cmi_auto_fraction=args.cmi_fraction, proxies=str(pool_dir))
+    with_cmi = dataclasses.replace(base, cmi_weight="auto", cmi_auto_scale=args.cmi_scale, proxies=str(pool_dir))
     sets, seconds = {}, {}
     subset_path = work / "random.safetensors"
     save_set(random_subset(real, args.ipc, args.seed), subset_path)
@@ -97,7 +97,7 @@ def main() -> None:
         "pool": {"arch": pool.arch, "size": len(pool), "epochs": args.proxy_epochs,
                  "test_accuracy": [round(r.test_accuracy, 2) for r in pool.records],
                  "build_seconds": round(pool_seconds, 1)},
-        "auto_rule": {"fraction": args.cmi_fraction, "initial_dm_loss": first_loss, "initial_cmi": initial_cmi,
+        "auto_rule": {"scale": args.cmi_scale, "initial_dm_loss": first_loss, "initial_cmi": initial_cmi,
                       "paper_lambda_as_fraction_here": {k: v * initial_cmi / first_loss for k, v in PAPER_DM_LAMBDAS.items()}},
         "results": rows,
         "dm+cmi_minus_dm_points": round(rows["dm+cmi"]["mean"] - rows["dm"]["mean"], 2),

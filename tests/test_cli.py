@@ -131,7 +131,7 @@ DISTILL_FAST = ["--model", "ConvNet-2-16", "--batch-real", "16", "--ipc", "2", "
 
 def test_proxies_distill_with_cmi_resume_and_cmi_report(striped_root, tmp_path, capsys):
     pool = tmp_path / "pool"
-    code, stdout, _ = run(capsys, "proxies", "--arch", "ConvNet-1-8", "--count", "2", "--epochs", "1",
+    code, stdout, _ = run(capsys, "proxies", "--arch", "ConvNetGAP-1-8", "--count", "2", "--epochs", "1",
                           "--out", str(pool), "--json")
     assert code == 0 and len(json.loads(stdout)["proxies"]) == 2
     out = tmp_path / "run"
@@ -152,7 +152,7 @@ def test_proxies_distill_with_cmi_resume_and_cmi_report(striped_root, tmp_path, 
 
 def test_ipc_1_with_cmi_warns_that_the_term_is_zero(striped_root, tmp_path, capsys, caplog):
     pool = tmp_path / "pool"
-    assert main(["proxies", "--arch", "ConvNet-1-8", "--count", "1", "--epochs", "1", "--out", str(pool)]) == 0
+    assert main(["proxies", "--arch", "ConvNetGAP-1-8", "--count", "1", "--epochs", "1", "--out", str(pool)]) == 0
     code, _, _ = run(capsys, "distill", "--method", "dm", "--model", "ConvNet-2-16", "--batch-real", "8",
                      "--ipc", "1", "--iterations", "1", "--cmi-weight", "5", "--proxies", str(pool),
                      "--out", str(tmp_path / "run"), "--quiet")
@@ -212,7 +212,7 @@ def test_seed_method_bad_input_is_one_line_with_status_2_and_writes_nothing(stri
                                                                             fragment):
     plain = tmp_path / "plain"
     if "{plain}" in argv:
-        run(capsys, "proxies", "--arch", "ConvNet-1-8", "--count", "1", "--epochs", "1", "--out", str(plain), "--json")
+        run(capsys, "proxies", "--arch", "ConvNetGAP-1-8", "--count", "1", "--epochs", "1", "--out", str(plain), "--json")
     argv = [str(plain) if value == "{plain}" else value for value in argv]
     code, _, stderr = run(capsys, "distill", *argv, "--ipc", "2", "--iterations", "1", "--quiet",
                           "--out", str(tmp_path / "run"))

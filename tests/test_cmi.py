@@ -54,7 +54,7 @@ def uneven_set(seed: int = 0, scale: float = 3.0):
 
 
 def tiny_models(count: int, width: int = 8) -> list[torch.nn.Module]:
-    return [build_model(f"ConvNet-1-{width}", 1, 3, (8, 8), seed=100 + i).eval() for i in range(count)]
+    return [build_model(f"ConvNetGAP-1-{width}", 1, 3, (8, 8), seed=100 + i).eval() for i in range(count)]
 
 
 def tiny_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +155,7 @@ def test_gradient_wrt_images_through_a_tiny_proxy_matches_finite_differences():
 
 def test_cmi_per_proxy_in_one_vmap_pass_equals_a_loop_over_the_proxies():
     models = tiny_models(3)
-    pool = ProxyPool(models, "ConvNet-1-8", INFO)
+    pool = ProxyPool(models, "ConvNetGAP-1-8", INFO)
     images, labels = tiny_images(12)
     images.requires_grad_(True)
     for indices in ([0, 1, 2], [2, 0, 1]):  # views of the storage, and a gathered selection
@@ -171,7 +171,7 @@ def test_cmi_per_proxy_in_one_vmap_pass_equals_a_loop_over_the_proxies():
 
 def test_pool_cmi_gives_every_proxys_value_whatever_the_chunking():
     models = tiny_models(5)
-    pool = ProxyPool(models, "ConvNet-1-8", INFO)
+    pool = ProxyPool(models, "ConvNetGAP-1-8", INFO)
     images, labels = tiny_images(10)
     expected = torch.stack([empirical_cmi(model, images, labels, 3) for model in models]).detach()
     for chunk, image_batch, batched in ((16, 512, "on"), (2, 3, "on"), (1, 1, "on"), (16, 4, "off"), (3, 512, "auto")):
@@ -181,7 +181,7 @@ def test_pool_cmi_gives_every_proxys_value_whatever_the_chunking():
 
 
 def test_regularizer_draws_one_proxy_reproducibly_and_uniformly():
-    pool = ProxyPool(tiny_models(4), "ConvNet-1-8", INFO)
+    pool = ProxyPool(tiny_models(4), "ConvNetGAP-1-8", INFO)
     images, labels = tiny_images(6)
     regularizer = CMIRegularizer(pool)
     first = regularizer.loss(images, labels, torch.Generator().manual_seed(11))
@@ -202,7 +202,7 @@ def test_regularizer_draws_one_proxy_reproducibly_and_uniformly():
 
 @pytest.mark.parametrize("batched", ["on", "off"])
 def test_regularizer_with_k_proxies_is_the_mean_over_k_distinct_proxies(batched):
-    pool = ProxyPool(tiny_models(4), "ConvNet-1-8", INFO)
+    pool = ProxyPool(tiny_models(4), "ConvNetGAP-1-8", INFO)
     images, labels = tiny_images(9)
     images.requires_grad_(True)
     regularizer = CMIRegularizer(pool, proxies_per_step=3, batched=batched)
@@ -223,7 +223,7 @@ def test_regularizer_with_k_proxies_is_the_mean_over_k_distinct_proxies(batched)
 
 
 def test_per_class_regularizer_averages_each_class_alone():
-    pool = ProxyPool(tiny_models(2), "ConvNet-1-8", INFO)
+    pool = ProxyPool(tiny_models(2), "ConvNetGAP-1-8", INFO)
     images, labels = tiny_images(8)  # classes of sizes 3, 3, 2
     regularizer = CMIRegularizer(pool, per_class=True)
     value = regularizer.loss(images, labels, torch.Generator().manual_seed(0))

@@ -9,20 +9,19 @@ from conftest import initial_pixel_images, run_killed_after_iteration
 from safetensors import safe_open
 
 from infodistill.artefact import load_set
+from infodistill.data import ClassSampler, DatasetInfo
 from infodistill.distill import (
-    CALIBRATION_STREAM,
     DistillConfig,
     LossDiverged,
-    build_method,
-    make_context,
     calibrate_cmi_weight,
     distill,
 )
 from infodistill.errors import UserInputError
-from infodistill.methods import METHOD_REGISTRY, register_method
+from infodistill.methods import METHOD_REGISTRY, DistillContext, Method, register_method
 from infodistill.methods.dm import DistributionMatching
 from infodistill.pools import ProxyPool, train_proxy_pool
-from infodistill.regularizers import CMIRegularizer
+from infodistill.models import build_model
+from infodistill.regularizers import CMIRegularizer, cmi_from_features
 from infodistill.synthetic import PixelSet
 
 TINY = dict(model="ConvNet-2-16", batch_real=16, ipc=3, checkpoint_every=2)
@@ -31,7 +30,7 @@ TINY = dict(model="ConvNet-2-16", batch_real=16, ipc=3, checkpoint_every=2)
 @pytest.fixture
 def pool_dir(real, tmp_path):
     directory = tmp_path / "pool"
-    train_proxy_pool(real, directory, arch="ConvNet-1-8", count=3, epochs=1, progress=False)
+    train_proxy_pool(real, directory, arch="ConvNetGAP-1-8", count=3, epochs=1, progress=False)
     return directory
 
 
@@ -87,32 +86,91 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(real, tmp_p
 
 def test_cmi_regularizer_lowers_the_sets_cmi(real, pool_dir, tmp_path):
     pool = ProxyPool.load(pool_dir, real.info)
-    base = DistillConfig(method="dm", iterations=8, **{**TINY, "checkpoint_every": 8})
+    # a step small enough that the term does not overshoot the tiny CMI of this toy set (a weight 20x larger
+    # does: the CMI then grows)
+    base = DistillConfig(method="dm", iterations=8, lr_images=0.1, **{**TINY, "checkpoint_every": 8})
     plain = distill(base, tmp_path / "plain", progress=False, real=real)
-    regularized = distill(dataclasses.replace(base, cmi_weight="auto", cmi_auto_fraction=0.5, proxies=str(pool_dir)),
+    regularized = distill(dataclasses.replace(base, cmi_weight="auto", cmi_auto_scale=0.25, proxies=str(pool_dir)),
                           tmp_path / "cmi", progress=False, real=real)
     cmi_plain = pool.cmi(*(lambda s: (s.images, s.labels))(load_set(plain.artefact)), 10).mean()
     cmi_regularized = pool.cmi(*(lambda s: (s.images, s.labels))(load_set(regularized.artefact)), 10).mean()
     assert cmi_regularized < cmi_plain
-    assert load_set(regularized.artefact).metadata.regularizers == {"cmi": regularized.regularizer_weights["cmi"]}
+    metadata = load_set(regularized.artefact).metadata
+    assert metadata.regularizers == {"cmi": regularized.regularizer_weights["cmi"]}
+    calibration = json.loads(metadata.extra["cmi_calibration"])
+    assert calibration["weight"] == regularized.regularizer_weights["cmi"] and calibration["scale"] == 0.25
 
 
-def test_auto_weight_makes_the_weighted_cmi_the_given_fraction_of_the_first_loss(real, pool_dir):
-    config = DistillConfig(method="dm", iterations=1, **TINY).with_method_defaults()
-    images, labels = real.train_tensors()
-    from infodistill.data import ClassSampler
+class _QuadraticPull(Method):
+    """A matching loss with a closed-form gradient: 0.5 * ||S - T||^2 has gradient S - T."""
 
-    sampler = ClassSampler(images, labels, 10)
-    synthetic = PixelSet.initialise(sampler, 3, "real", torch.Generator().manual_seed(0))
-    pool = ProxyPool.load(pool_dir, real.info)
-    method = build_method(config)
-    context = make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
-    weight = calibrate_cmi_weight(method, CMIRegularizer(pool), context, fraction=0.25)
-    # recompute both sides independently from the same stream
-    context = make_context(config, 0, synthetic, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
-    first_loss = float(next(method.iteration(context)).detach())
-    mean_cmi = float(pool.cmi(synthetic.images().detach(), synthetic.labels, 10).mean())
-    assert weight * mean_cmi == pytest.approx(0.25 * first_loss, rel=1e-5)
+    name = "quadratic-pull"
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+
+    @staticmethod
+    def defaults(ipc):
+        raise NotImplementedError
+
+    def iteration(self, context):
+        yield 0.5 * (context.synthetic.images() - self.target).pow(2).sum()
+
+
+def _pool_mean_cmi(pool, images, labels):
+    return torch.stack([cmi_from_features(pool[k].embed(images), labels, pool.num_classes)
+                        for k in range(len(pool))]).mean()
+
+
+def test_auto_weight_sets_the_gradient_ratio_on_the_initial_set():
+    """'auto' picks lambda with ||lambda grad CMI(S_0)|| = scale * target * ||grad L(S_0)||; the matching
+    gradient is known in closed form (S - T) and the CMI gradient is taken by central finite differences."""
+    info = DatasetInfo(name="tiny", channels=1, image_size=(4, 4), num_classes=2, class_names=("a", "b"),
+                       mean=(0.0,), std=(1.0,))
+    models = [build_model("ConvNetGAP-1-6", 1, 2, (4, 4), seed=10 + k).double().eval() for k in range(2)]
+    pool = ProxyPool(models, "ConvNetGAP-1-6", info)
+    generator = torch.Generator().manual_seed(0)
+    real_images = torch.randn(8, 1, 4, 4, generator=generator, dtype=torch.float64)
+    sampler = ClassSampler(real_images, torch.tensor([0, 1] * 4), 2)
+    synthetic = PixelSet.initialise(sampler, 2, "real", generator).double()
+    target = torch.randn(synthetic.images().shape, generator=generator, dtype=torch.float64)
+    context = DistillContext(iteration=0, generator=generator, synthetic=synthetic, sampler=sampler, info=info,
+                             augment=None, device=torch.device("cpu"), model_name="ConvNet-1-4")
+    calibration = calibrate_cmi_weight(_QuadraticPull(target), CMIRegularizer(pool), [context], target_ratio=1.5,
+                                       scale=2.0)
+
+    images = synthetic.images().detach()
+    labels = synthetic.labels
+    method_norm = float((images - target).norm())  # closed form
+    step, finite_difference = 1e-6, torch.zeros_like(images)
+    with torch.no_grad():
+        for index in range(images.numel()):
+            offset = torch.zeros(images.numel(), dtype=torch.float64)
+            offset[index] = step
+            offset = offset.view_as(images)
+            finite_difference.view(-1)[index] = (_pool_mean_cmi(pool, images + offset, labels)
+                                                 - _pool_mean_cmi(pool, images - offset, labels)) / (2 * step)
+    cmi_norm = float(finite_difference.norm())
+    assert cmi_norm > 0
+    assert calibration.method_grad_norm == pytest.approx(method_norm, rel=1e-9)
+    assert calibration.cmi_grad_norm == pytest.approx(cmi_norm, rel=1e-4)
+    assert calibration.weight == pytest.approx(2.0 * 1.5 * method_norm / cmi_norm, rel=1e-4)
+    assert calibration.ratio == pytest.approx(3.0, rel=1e-9)
+
+
+def test_auto_weight_refuses_a_cmi_without_gradient():
+    """At IPC 1 with pixel images every class is its own centroid: CMI is 0 with zero gradient, so 'auto'
+    has nothing to calibrate and says so."""
+    info = DatasetInfo(name="tiny", channels=1, image_size=(4, 4), num_classes=2, class_names=("a", "b"),
+                       mean=(0.0,), std=(1.0,))
+    pool = ProxyPool([build_model("ConvNetGAP-1-6", 1, 2, (4, 4), seed=1).eval()], "ConvNetGAP-1-6", info)
+    generator = torch.Generator().manual_seed(0)
+    sampler = ClassSampler(torch.randn(4, 1, 4, 4, generator=generator), torch.tensor([0, 1, 0, 1]), 2)
+    synthetic = PixelSet.initialise(sampler, 1, "real", generator)
+    context = DistillContext(iteration=0, generator=generator, synthetic=synthetic, sampler=sampler, info=info,
+                             augment=None, device=torch.device("cpu"), model_name="ConvNet-1-4")
+    with pytest.raises(UserInputError, match="cannot calibrate: the CMI term's gradient on the initial set is 0"):
+        calibrate_cmi_weight(_QuadraticPull(torch.zeros(2, 1, 4, 4)), CMIRegularizer(pool), [context], 1.0)
 
 
 def test_run_directories_are_protected(real, tmp_path):
@@ -147,7 +205,7 @@ def test_bad_settings_are_refused(changes, fragment):
 
 def test_a_pool_for_another_dataset_is_refused(real, tmp_path):
     other = dataclasses.replace(real, info=dataclasses.replace(real.info, name="mnist", mean=(0.1307,), std=(0.3081,)))
-    train_proxy_pool(other, tmp_path / "mnist-pool", arch="ConvNet-1-8", count=1, epochs=1, progress=False)
+    train_proxy_pool(other, tmp_path / "mnist-pool", arch="ConvNetGAP-1-8", count=1, epochs=1, progress=False)
     config = DistillConfig(method="dm", iterations=1, cmi_weight=1.0, proxies=str(tmp_path / "mnist-pool"), **TINY)
     with pytest.raises(UserInputError, match="mnist"):
         distill(config, tmp_path / "run", progress=False, real=real)

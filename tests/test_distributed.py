@@ -46,7 +46,7 @@ TINY = ["--method", "dm", "--ipc", "2", "--iterations", "3", "--model", "ConvNet
 @pytest.fixture
 def pool_dir(real, tmp_path):
     directory = tmp_path / "pool"
-    train_proxy_pool(real, directory, arch="ConvNet-1-8", count=2, epochs=1, progress=False)
+    train_proxy_pool(real, directory, arch="ConvNetGAP-1-8", count=2, epochs=1, progress=False)
     return directory
 
 

@@ -337,7 +337,7 @@ def test_idc_runs_through_the_loop_with_and_without_cmi(real, tmp_path, with_cmi
         from infodistill.pools import train_proxy_pool
 
         pool = tmp_path / "pool"
-        train_proxy_pool(real, pool, arch="ConvNet-1-8", count=2, epochs=1, progress=False)
+        train_proxy_pool(real, pool, arch="ConvNetGAP-1-8", count=2, epochs=1, progress=False)
         extra = {"cmi_weight": 100.0, "proxies": str(pool)}
     result = distill(DistillConfig(**LOOP, **extra), tmp_path / "run", progress=False, real=real)
     distilled = load_set(result.artefact)

@@ -18,7 +18,7 @@ from infodistill.pools import ProxyMetadata, ProxyPool, save_proxy, train_proxy_
 
 INFO = DatasetInfo(name="tiny-stripes", channels=1, image_size=(8, 8), num_classes=3, class_names=("a", "b", "c"),
                    mean=(0.3,), std=(0.3,))
-ARCH = "ConvNet-1-8"
+ARCH = "ConvNetGAP-1-8"
 TRAINING = dict(arch=ARCH, epochs=1, seed=5, progress=False, batch_size=16)
 
 
@@ -71,7 +71,7 @@ def test_training_writes_numbered_files_with_the_documented_metadata(built_pool)
     for record in records:
         strings = metadata_strings(record.path)
         assert strings["dataset"] == "tiny-stripes"
-        assert strings["arch"] == "ConvNet-1-8-in"
+        assert strings["arch"] == "ConvNetGAP-1-8-in"
         assert strings["channels"] == "1"
         assert strings["image_size"] == "8x8"
         assert strings["num_classes"] == "3"
@@ -87,7 +87,7 @@ def test_training_writes_numbered_files_with_the_documented_metadata(built_pool)
 def test_saved_weights_are_the_documented_recipe_and_load_back_exactly(built_pool, real):
     directory, records = built_pool
     pool = ProxyPool.load(directory, INFO)
-    assert len(pool) == 2 and pool.arch == "ConvNet-1-8-in"
+    assert len(pool) == 2 and pool.arch == "ConvNetGAP-1-8-in"
     assert [(r.seed, r.test_accuracy) for r in pool.records] == [(r.seed, r.test_accuracy) for r in records]
     # Independent reference: the paper's recipe run through the evaluation trainer with the proxy's seed.
     recipe = EvalConfig(model=ARCH, runs=1, epochs=1, lr=0.01, momentum=0.9, weight_decay=1e-3, batch_size=16,
@@ -141,11 +141,11 @@ def test_missing_and_empty_directories_are_refused(tmp_path):
 
 def test_mixed_architectures_are_refused(built_pool, tmp_path):
     directory = copy_pool(built_pool, tmp_path)
-    stranger = build_model("ConvNet-1-4", 1, 3, (8, 8), seed=0)
+    stranger = build_model("ConvNetGAP-1-4", 1, 3, (8, 8), seed=0)
     first = directory / "proxy-0000.safetensors"
-    metadata = dataclasses.replace(ProxyMetadata.from_strings(metadata_strings(first), first), arch="ConvNet-1-4-in")
+    metadata = dataclasses.replace(ProxyMetadata.from_strings(metadata_strings(first), first), arch="ConvNetGAP-1-4-in")
     save_proxy(stranger, directory / "proxy-0002.safetensors", metadata)
-    with pytest.raises(UserInputError, match="mixes architectures: arch is 'ConvNet-1-4-in' in proxy-0002"):
+    with pytest.raises(UserInputError, match="mixes architectures: arch is 'ConvNetGAP-1-4-in' in proxy-0002"):
         ProxyPool.load(directory, INFO)
 
 
@@ -179,8 +179,8 @@ def test_a_continued_build_adds_only_the_missing_proxies_as_an_uninterrupted_bui
 
 def test_a_build_into_a_pool_of_another_architecture_or_dataset_is_refused(built_pool, real, tmp_path):
     directory = copy_pool(built_pool, tmp_path)
-    with pytest.raises(UserInputError, match="arch 'ConvNet-1-8-in' .*this build has arch 'ConvNet-1-4-in'"):
-        train_proxy_pool(real, directory, count=3, **dict(TRAINING, arch="ConvNet-1-4"))
+    with pytest.raises(UserInputError, match="arch 'ConvNetGAP-1-8-in' .*this build has arch 'ConvNetGAP-1-4-in'"):
+        train_proxy_pool(real, directory, count=3, **dict(TRAINING, arch="ConvNetGAP-1-4"))
     other = RealData(dataclasses.replace(INFO, name="other"), real.train_images, real.train_labels,
                      real.test_images, real.test_labels)
     with pytest.raises(UserInputError, match="dataset 'tiny-stripes' .*this build has dataset 'other'"):

@@ -25,7 +25,7 @@ from infodistill.models import build_model
 from infodistill.pools import ProxyPool, train_proxy_pool
 from infodistill.synthetic import PixelSet, SyntheticSet
 
-TEACHER_ARCH = "ConvNet-2-8-bn"
+TEACHER_ARCH = "ConvNetGAP-2-8-bn"  # pooled: the resume test uses the teacher as its CMI pool too
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def _reference_loss(network, images, labels, bn_weight, first_bn_weight, varianc
 
 
 def _random_teacher(seed=0):
-    """A ConvNet-2-8-bn with running statistics from a train-mode pass over random images, in eval mode."""
+    """A TEACHER_ARCH network with running statistics from a train-mode pass over random images, in eval mode."""
     network = build_model(TEACHER_ARCH, channels=1, num_classes=10, image_size=(28, 28), seed=seed)
     network.train()
     with torch.no_grad():
@@ -338,8 +338,8 @@ def test_project_clips_pixels_to_the_valid_range(real, teacher_dir):
 
 def test_refusals(real, teacher_dir, tmp_path):
     no_bn = tmp_path / "no-bn"
-    train_proxy_pool(real, no_bn, arch="ConvNet-1-8", count=1, epochs=1, progress=False)
-    with pytest.raises(UserInputError, match=r"ConvNet-1-8-in.*ConvNet-1-8-bn"):
+    train_proxy_pool(real, no_bn, arch="ConvNetGAP-1-8", count=1, epochs=1, progress=False)
+    with pytest.raises(UserInputError, match=r"ConvNetGAP-1-8-in.*ConvNetGAP-1-8-bn"):
         SRe2L(teacher=str(no_bn)).prepare(_setup(real, ipc=1, init="noise"))
     with pytest.raises(UserInputError, match="init 'real'.*noise"):
         DWA(teacher=str(teacher_dir)).prepare(_setup(real, ipc=1, init="noise"))

@@ -78,7 +78,7 @@ def test_a_cell_cut_off_mid_distillation_resumes_from_its_checkpoint(striped_roo
 
 
 def test_cells_share_the_loaded_dataset_and_pool(striped_root, real, tmp_path, monkeypatch):
-    train_proxy_pool(real, tmp_path / "pool", arch="ConvNet-1-8", count=2, epochs=1, progress=False)
+    train_proxy_pool(real, tmp_path / "pool", arch="ConvNetGAP-1-8", count=2, epochs=1, progress=False)
     loads = []
     original = sweep_module.load_dataset
     monkeypatch.setattr(sweep_module, "load_dataset", lambda *a, **k: loads.append(a) or original(*a, **k))

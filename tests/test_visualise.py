@@ -16,7 +16,7 @@ from infodistill.models import build_model
 from infodistill.pools import ProxyPool, train_proxy_pool
 from infodistill.visualise import class_order_by_kl, per_sample_cmi, save_ordered_grid
 
-ARCH = "ConvNet-1-8"
+ARCH = "ConvNetGAP-1-8"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -211,7 +211,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
 def _distill_overrides(args: argparse.Namespace) -> dict:
     """The distillation settings given as flags (None where a flag was not given)."""
     names = ("dataset", "method", "ipc", "iterations", "param", "init", "model", "lr_images", "momentum_images",
-             "batch_real", "outer_loop", "inner_loop", "lr_net", "cmi_weight", "cmi_auto_fraction", "proxies",
+             "batch_real", "outer_loop", "inner_loop", "lr_net", "cmi_weight", "cmi_auto_scale", "proxies", "held_out_proxies",
              "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root", "checkpoint_every", "eval_every", "monitor_every",
              "eval_model", "eval_epochs", "eval_runs", "factor", "upsample", "net_steps", "batch_net", "match_metric",
              "experts", "zca", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
@@ -260,7 +260,8 @@ def command_distill(args: argparse.Namespace) -> int:
         stored = Path(args.out) / CONFIG_NAME
         if not stored.is_file():
             raise UserInputError(f"cannot resume: '{stored}' does not exist (run without --resume first)")
-        values.update({k: v for k, v in load_yaml_mapping(stored).items() if k != "resolved_weights"})
+        values.update({k: v for k, v in load_yaml_mapping(stored).items()
+                       if k not in ("resolved_weights", "cmi_calibration")})
     if args.config:
         values.update(load_yaml_mapping(args.config))
     values.update({name: value for name, value in _distill_overrides(args).items() if value is not None})
@@ -316,7 +317,8 @@ def command_proxies(args: argparse.Namespace) -> int:
     config.validate()
     real = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
     records = train_proxy_pool(real, args.out, arch=args.arch, count=args.count, epochs=args.epochs, seed=args.seed,
-                               device=args.device, progress=not args.json, batch_size=args.batch_size)
+                               device=args.device, progress=not args.json, batch_size=args.batch_size,
+                               train_per_class=args.train_per_class, precision=args.precision, batched=args.batched)
     _report_trained(args, "proxies", records, "")
     return 0
 
@@ -345,15 +347,24 @@ def command_experts(args: argparse.Namespace) -> int:
 
 
 def command_cmi(args: argparse.Namespace) -> int:
-    """Report the class-aware CMI of a labelled set under every proxy of a pool (mean and std)."""
+    """Report the class-aware CMI of a labelled set under every proxy of a pool (mean and std). With
+    --held-out, also under a second pool disjoint from the first: the CMI of a set distilled with the first
+    pool is in-sample under it, and only the held-out value shows compactness for networks the term never saw."""
+    from infodistill.distill import check_held_out
     from infodistill.pools import ProxyPool
 
     distilled = load_set(args.set)
     info = dataset_info(distilled.metadata.dataset, data_root=args.data_root)
     check_set_fits(distilled, info)
     pool = ProxyPool.load(args.proxies, info, device=args.device)
+    pool.require_pooled()
+    held_out = None
+    if args.held_out is not None:
+        held_out = ProxyPool.load(args.held_out, info, device=args.device)
+        check_held_out(pool, held_out)
     values = pool.cmi(distilled.images, distilled.labels, distilled.num_classes)
     mean, std = float(values.mean()), float(values.std(unbiased=False))
+    held_values = held_out.cmi(distilled.images, distilled.labels, distilled.num_classes) if held_out else None
     kl = None
     if args.ordered_grid is not None:
         from infodistill.visualise import per_sample_cmi, save_ordered_grid
@@ -363,11 +374,18 @@ def command_cmi(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"set": str(args.set), "proxies": str(args.proxies), "pool_size": len(values), "mean": mean,
                    "std": std, "per_proxy": [float(v) for v in values]}
+        if held_values is not None:
+            payload["held_out"] = {"proxies": str(args.held_out), "pool_size": len(held_values),
+                                   "mean": float(held_values.mean()), "std": float(held_values.std(unbiased=False)),
+                                   "per_proxy": [float(v) for v in held_values]}
         if kl is not None:
             payload.update(ordered_grid=str(args.ordered_grid), per_sample_kl=[float(v) for v in kl])
         _print_json(payload)
     else:
         print(f"CMI of {args.set} under {len(values)} proxies: {mean:.6g} +- {std:.3g}")
+        if held_values is not None:
+            print(f"held out ({args.held_out}, {len(held_values)} proxies): {float(held_values.mean()):.6g} +- "
+                  f"{float(held_values.std(unbiased=False)):.3g}")
         if kl is not None:
             print(f"wrote {args.ordered_grid}: each class's samples by KL to the class centroid (low left, high right)")
     return 0
@@ -512,9 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     mim.add_argument("--mim-lr", type=float, help="SGD learning rate of the projection heads (default: 0.01)")
     distill.add_argument("--cmi-weight", metavar="FLOAT|auto",
                          help="weight lambda of the CMI regularizer, or 'auto' (default: off)")
-    distill.add_argument("--cmi-auto-fraction", type=float, metavar="F",
-                         help="'auto' makes lambda*CMI this fraction of the matching loss at the start (default: 0.1)")
+    distill.add_argument("--cmi-auto-scale", type=float, metavar="S",
+                         help="'auto' sets lambda so that the CMI's gradient is S x the paper's ratio to the matching "
+                              "loss's gradient on the initial set (docs/cmi.md) (default: 1)")
     distill.add_argument("--proxies", metavar="DIR", help="proxy pool for CMI (build with `infodistill proxies`)")
+    distill.add_argument("--held-out-proxies", metavar="DIR",
+                         help="a second pool, disjoint from --proxies, under which the set's CMI is also logged "
+                              "(monitor/cmi_heldout): the CMI of networks the term never saw")
     distill.add_argument("--cmi-every", type=int, metavar="K", help="compute the CMI term every K iterations (default: 1)")
     distill.add_argument("--cmi-proxies-per-step", type=int, metavar="K",
                          help="average CMI over K random proxies per step (default: 1, the paper's rule)")
@@ -549,6 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
     proxies.add_argument("--count", type=int, default=8, metavar="K", help="number of proxies (default: 8)")
     proxies.add_argument("--epochs", type=int, default=40, metavar="E", help="training epochs per proxy (default: 40)")
     proxies.add_argument("--batch-size", type=int, default=256, metavar="N", help="batch size (default: 256)")
+    proxies.add_argument("--train-per-class", type=int, default=0, metavar="N",
+                         help="train on a class-balanced random N images per class (default: 0, all; quicker proxies)")
+    proxies.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                         help="arithmetic of the training forward passes (bf16: about 3x faster on CPUs with native "
+                              "bf16, accuracy in docs/cmi.md); recorded in every proxy file (default: fp32)")
+    proxies.add_argument("--batched", choices=BATCHED_CHOICES, default="off",
+                         help="train the proxies together as one vectorised model (auto: on GPUs) (default: off)")
     proxies.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     proxies.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default: cpu)")
     proxies.add_argument("--out", required=True, metavar="DIR", help="pool directory (proxies are added to it)")
@@ -582,7 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmi = commands.add_parser("cmi", help="the class-aware CMI of a labelled set under a proxy pool",
                               description=command_cmi.__doc__)
     cmi.add_argument("set", metavar="SET.safetensors", help="artefact to measure")
-    cmi.add_argument("--proxies", required=True, metavar="DIR", help="proxy pool directory")
+    cmi.add_argument("--proxies", required=True, metavar="DIR", help="proxy pool directory (pooled proxies)")
+    cmi.add_argument("--held-out", metavar="DIR",
+                     help="a second pool, disjoint from --proxies (no shared proxy file or seed), for the held-out CMI")
     cmi.add_argument("--data-root", metavar="DIR", help="data root (only needed for folder: datasets)")
     cmi.add_argument("--device", default="cpu", metavar="cpu|cuda", help="device (default: cpu)")
     cmi.add_argument("--ordered-grid", type=_png_path, metavar="OUT.png",

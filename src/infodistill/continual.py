@@ -58,7 +58,7 @@ from infodistill.evaluate import (
 )
 from infodistill.files import atomic_path
 from infodistill.methods import METHOD_REGISTRY, method_class, method_settings
-from infodistill.models import parse_model_name
+from infodistill.models import parse_model_name, pooled_variant
 from infodistill.pools import train_proxy_pool
 
 SETTINGS_NAME = "continual_settings.json"
@@ -110,6 +110,9 @@ class ContinualConfig:
     device: str = "cpu"
     proxy_epochs: int = 2
     proxy_count: int = 2
+    proxy_arch: str | None = None
+    """Architecture of each step's proxies (with CMI); None: ``model`` with a pooled embedding
+    (``ConvNet-3`` -> ``ConvNetGAP-3``), since the CMI needs pooled proxies."""
     data_root: str | None = None
 
     @property
@@ -130,6 +133,8 @@ class ContinualConfig:
                 raise UserInputError(f"{name} must be a positive integer, got {value}")
         check_cmi_weight(self.cmi_weight)
         parse_model_name(self.eval_model)
+        if self.proxy_arch is not None:
+            parse_model_name(self.proxy_arch)
         # ipc, iterations, batch_real, seed, model, device: checked where the distillation checks them
         self.distill_config(0, 0).validate()
         return self
@@ -273,7 +278,8 @@ def _distil_step(config: ContinualConfig, step_real: RealData, step_dir: Path, o
         return load_set(artefact)
     proxies = step_dir / PROXIES_DIR
     if config.uses_cmi:  # trained on this step's classes only: later classes are not known yet
-        train_proxy_pool(step_real, proxies, arch=config.model, count=config.proxy_count, epochs=config.proxy_epochs,
+        arch = config.proxy_arch if config.proxy_arch is not None else pooled_variant(config.model)
+        train_proxy_pool(step_real, proxies, arch=arch, count=config.proxy_count, epochs=config.proxy_epochs,
                          seed=derived_seed(config.seed, PROXY_STREAM, order, step), device=config.device,
                          progress=False)
     distill_config = config.distill_config(order, step, dataset=step_real.info.name, proxies=str(proxies))
@@ -437,6 +443,9 @@ def configure_continual_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"training epochs of each proxy (default: {defaults.proxy_epochs})")
     parser.add_argument("--proxy-count", type=int, default=defaults.proxy_count,
                         help=f"proxies per step's pool (default: {defaults.proxy_count})")
+    parser.add_argument("--proxy-arch", metavar="NAME",
+                        help="architecture of each step's proxies, with a pooled embedding (default: --model's "
+                             "pooled variant, e.g. ConvNetGAP-3 for ConvNet-3)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print continual.json's content")
 
@@ -447,7 +456,8 @@ def continual_config_from_args(args: argparse.Namespace) -> ContinualConfig:
         dataset=args.dataset, method=args.method, ipc=args.ipc, cmi_weight=parse_cmi_weight(args.cmi_weight),
         iterations=args.iterations, epochs=args.epochs, steps=args.steps, orders=args.orders, model=args.model,
         eval_model=args.eval_model, batch_real=args.batch_real, seed=args.seed, device=args.device,
-        proxy_epochs=args.proxy_epochs, proxy_count=args.proxy_count, data_root=args.data_root).validate()
+        proxy_epochs=args.proxy_epochs, proxy_count=args.proxy_count, proxy_arch=args.proxy_arch,
+        data_root=args.data_root).validate()
 
 
 def command_continual(args: argparse.Namespace) -> int:

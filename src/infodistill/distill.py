@@ -38,7 +38,7 @@ from infodistill.config import config_from_mapping
 from infodistill.data import ClassSampler, RealData, load_dataset
 from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, evaluate_set, resolve_device
+from infodistill.evaluate import EvalConfig, EvalResult, evaluate_set, resolve_device
 from infodistill.files import atomic_path
 from infodistill.methods import (
     METHOD_REGISTRY,
@@ -62,7 +62,7 @@ from infodistill.parallel import (
 )
 from infodistill.pools import LoadCache, ProxyPool, load_proxy_pool
 from infodistill.precision import autocast_context, check_precision, resolve_precision, to_fp32
-from infodistill.regularizers import CMIRegularizer, MIMRegularizer, Regularizer
+from infodistill.regularizers import CMIRegularizer, MIMRegularizer, Regularizer, cmi_from_features
 from infodistill.synthetic import (
     INITS,
     PARAMETERISATION_REGISTRY,
@@ -150,8 +150,9 @@ class DistillConfig:
     mim_real_per_class: int = 16
     mim_lr: float = 0.01
     cmi_weight: float | str | None = None
-    cmi_auto_fraction: float = 0.1
+    cmi_auto_scale: float = 1.0
     proxies: str | None = None
+    held_out_proxies: str | None = None
     cmi_every: int = 1
     cmi_proxies_per_step: int = 1
     seed: int = 0
@@ -200,7 +201,7 @@ class DistillConfig:
             raise UserInputError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
         if self.zca < 0:
             raise UserInputError(f"zca must be >= 0 (0 turns whitening off), got {self.zca}")
-        for name in ("lr_images", "lr_net", "cmi_auto_fraction", "lr_lr", "lr_labels", "mim_temperature", "mim_lr",
+        for name in ("lr_images", "lr_net", "cmi_auto_scale", "lr_lr", "lr_labels", "mim_temperature", "mim_lr",
                      "relabel_temperature"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -226,6 +227,8 @@ class DistillConfig:
                                  "from its teacher alone; drop --mim-weight or choose a method that reads real data")
         if self.uses_cmi and self.proxies is None:
             raise UserInputError("a CMI weight needs a proxy pool: pass --proxies DIR (build one with `infodistill proxies`)")
+        if self.held_out_proxies is not None and self.proxies is None:
+            raise UserInputError("held_out_proxies monitors the set's CMI beside the pool of --proxies: pass --proxies DIR too")
         self._check_method_options()
         resolve_device(self.device)
         check_precision(self.precision)
@@ -481,26 +484,105 @@ def plan_split(config: DistillConfig, world_size: int, num_classes: int) -> tupl
     return kind, partition(config.trajectories or 1, world_size, "trajectories per iteration (--trajectories)")
 
 
-def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, context: DistillContext, fraction: float,
-                         precision: str = "fp32") -> float:
-    """The 'auto' rule: lambda such that lambda * CMI = fraction * matching loss on the initial set.
+PUBLISHED_CMI_WEIGHTS: dict[str, float] = {"dm": 8000.0, "dc": 5e4, "dsa": 5e4, "idc": 100.0}
+"""The CMI paper's lambda at IPC 10 on CIFAR-10, per method (methods.md, section 1, from the official code)."""
 
-    The matching loss is the method's first loss on the initial synthetic set; CMI is the mean over
-    the whole proxy pool (not one random draw), so the weight does not hinge on one proxy.
-    Drawn from a separate random stream, so calibrating does not change the run's iterations.
-    Both are computed in the run's ``precision``.
-    """
-    losses = computed_in(precision, context.device, method.iteration(context))
-    first = next(losses)
-    matching = float((first.loss if isinstance(first, ClassUpdate) else first).detach())
-    losses.close()
-    synthetic = context.synthetic
-    with torch.no_grad(), autocast_context(precision, context.device):
-        cmi = float(regularizer.pool.cmi(synthetic.images(), synthetic.labels, synthetic.num_classes).mean())
-    if cmi <= 0:
-        raise UserInputError("cmi_weight 'auto' cannot calibrate: the initial set's CMI is 0 "
-                             "(one image per class?); give a number instead")
-    return fraction * matching / cmi
+CMI_TARGET_RATIOS: dict[str, dict[int, float]] = {
+    "dm": {10: 0.78, 50: 0.53},
+    "dsa": {10: 2.6},
+    "dc": {10: 2.6},
+    "idc": {10: 0.033},
+}
+"""'auto''s target ratio ||lambda * grad CMI(S_0)|| / ||grad L_method(S_0)|| per method and IPC: the ratio the
+paper's lambda (DM 8000 / 2000 at IPC 10 / 50, DSA 5e4, IDC 100 per class) gives on the initial set under a
+pool of the paper's proxies (instance-norm ResNet18, 512-d pooled), measured on Fashion-MNIST with
+``benchmarks/bench_cmi_calibration.py`` (docs/cmi.md). DC takes DSA's ratio (the paper gives both one
+lambda); methods without a published lambda take DM's; the nearest measured IPC is used (the smaller on a tie)."""
+
+CALIBRATION_DRAWS = 3
+"""Iterations of the calibration stream whose matching-loss gradients 'auto' averages (one random network
+each for DM): the norm of one draw varies with the network."""
+
+
+@dataclass(frozen=True)
+class CMICalibration:
+    """How 'auto' chose the CMI weight on the initial set S_0, recorded in config.yaml and the artefact:
+    ``weight = scale * target_ratio * method_grad_norm / cmi_grad_norm``, the norms taken over the tensors
+    the optimiser steps (the pixels of a pixel set)."""
+
+    target_ratio: float
+    scale: float
+    method_grad_norm: float
+    cmi_grad_norm: float
+    initial_loss: float
+    initial_cmi: float
+    weight: float
+
+    @property
+    def ratio(self) -> float:
+        """The gradient ratio the weight gives on S_0: ``weight * cmi_grad_norm / method_grad_norm``."""
+        return self.weight * self.cmi_grad_norm / self.method_grad_norm
+
+    def to_dict(self) -> dict[str, float]:
+        return {**dataclasses.asdict(self), "ratio": self.ratio}
+
+
+def cmi_target_ratio(method: str, ipc: int) -> float:
+    """The gradient ratio 'auto' aims at for ``method`` at ``ipc`` (:data:`CMI_TARGET_RATIOS`)."""
+    by_ipc = CMI_TARGET_RATIOS.get(method, CMI_TARGET_RATIOS["dm"])
+    return by_ipc[min(by_ipc, key=lambda measured: (abs(measured - ipc), measured))]
+
+
+def _gradient_norm(value: torch.Tensor, learned: list[torch.Tensor]) -> float:
+    grads = torch.autograd.grad(value, learned, allow_unused=True)
+    return math.sqrt(sum(float(grad.double().pow(2).sum()) for grad in grads if grad is not None))
+
+
+def initial_gradients(method: Method, regularizer: CMIRegularizer, contexts: list[DistillContext],
+                      precision: str = "fp32") -> tuple[float, float, float, float]:
+    """(mean matching loss, mean norm of its gradient, CMI, norm of the CMI's gradient) on the initial set.
+
+    The matching loss is the method's first loss of each context (one per calibration draw); its gradient
+    is taken over the tensors the optimiser steps. The CMI is the mean over the WHOLE pool (not one random
+    draw, so the weight does not hinge on one proxy), on the images that loss concerns (the whole set, or
+    one class's for a per-class update), with the regularizer's per-class rule."""
+    losses, norms, label = [], [], None
+    learned = [parameter for parameter in contexts[0].synthetic.parameters()]
+    for context in contexts:
+        steps = computed_in(precision, context.device, method.iteration(context))
+        first = next(steps)
+        matching = to_fp32(first.loss if isinstance(first, ClassUpdate) else first)
+        label = first.label if isinstance(first, ClassUpdate) else None
+        losses.append(float(matching.detach()))
+        norms.append(_gradient_norm(matching, learned))
+        steps.close()
+    synthetic = contexts[0].synthetic
+    images, labels = _regularized_images(synthetic, label)
+    pool = regularizer.pool
+    with autocast_context(precision, contexts[0].device):
+        values = [cmi_from_features(pool[index].embed(images), labels, pool.num_classes,
+                                    per_class=regularizer.per_class) for index in range(len(pool))]
+    cmi = to_fp32(torch.stack(values).mean())
+    return float(np.mean(losses)), float(np.mean(norms)), float(cmi.detach()), _gradient_norm(cmi, learned)
+
+
+def calibrate_cmi_weight(method: Method, regularizer: CMIRegularizer, contexts: list[DistillContext],
+                         target_ratio: float, scale: float = 1.0, precision: str = "fp32") -> CMICalibration:
+    """The 'auto' rule: lambda such that ``||lambda * grad CMI|| = scale * target_ratio * ||grad L_method||``
+    on the initial set (:func:`initial_gradients`). The gradient ratio, not the loss ratio, is what sets
+    how hard the term pulls against the matching loss (docs/cmi.md). The contexts come from a separate random
+    stream, so calibrating does not change the run's iterations."""
+    loss, method_norm, cmi, cmi_norm = initial_gradients(method, regularizer, contexts, precision)
+    if not (cmi_norm > 0 and math.isfinite(cmi_norm)):
+        raise UserInputError(f"cmi_weight 'auto' cannot calibrate: the CMI term's gradient on the initial set is "
+                             f"{cmi_norm:g} (CMI {cmi:g}; with one image per class every class is its own centroid); "
+                             "give a number instead")
+    if not (method_norm > 0 and math.isfinite(method_norm)):
+        raise UserInputError(f"cmi_weight 'auto' cannot calibrate: the matching loss's gradient on the initial set "
+                             f"is {method_norm:g}; give a number instead")
+    weight = scale * target_ratio * method_norm / cmi_norm
+    return CMICalibration(target_ratio=target_ratio, scale=scale, method_grad_norm=method_norm, cmi_grad_norm=cmi_norm,
+                          initial_loss=loss, initial_cmi=cmi, weight=weight)
 
 
 class ImageAverage:
@@ -714,9 +796,11 @@ _STATE_PREFIXES = {"momentum_buffer": "momentum"}
 
 def save_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
                     iteration: int, config: DistillConfig, weights: dict[str, float],
-                    average: ImageAverage | None = None, split: ProcessSplit | None = None) -> None:
+                    average: ImageAverage | None = None, split: ProcessSplit | None = None,
+                    calibration: dict[str, float] | None = None) -> None:
     """Write the state after ``iteration`` completed iterations, atomically. In a split run every process
-    calls this (the state is gathered) and rank 0 alone writes the file."""
+    calls this (the state is gathered) and rank 0 alone writes the file. ``calibration``: how 'auto' chose
+    the CMI weight (:class:`CMICalibration`), kept so the artefact of a resumed run records it too."""
     tensors = _checkpoint_tensors(synthetic, optimizer, average, split)
     if split is not None and not is_main(split.group):
         return
@@ -724,15 +808,17 @@ def save_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
                 "regularizer_weights": json.dumps(weights), "version": __version__,
                 "average_count": str(average.count if average is not None else 0),
                 "processes": str(split.group.world_size if split is not None else 1)}
+    if calibration is not None:
+        metadata["cmi_calibration"] = json.dumps(calibration)
     with atomic_path(files.checkpoint) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
 
 
 def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
                     config: DistillConfig, average: ImageAverage | None = None,
-                    processes: int = 1) -> tuple[int, dict[str, float]]:
+                    processes: int = 1) -> tuple[int, dict[str, float], dict[str, float] | None]:
     """Restore a checkpoint into ``synthetic``, the optimiser's tensors and momentum, and the image
-    average; return (iteration, regularizer weights). A checkpoint holds the whole set, so a run may
+    average; return (iteration, regularizer weights, the CMI weight's calibration or None). A checkpoint holds the whole set, so a run may
     resume with another number of ``processes``, unless its method says otherwise
     (``Method.resumable_with_other_process_count``)."""
     path = files.checkpoint
@@ -745,6 +831,7 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         weights = json.loads(metadata["regularizer_weights"])
         average_count = int(metadata.get("average_count", "0"))
         written_by = int(metadata.get("processes", "1"))
+        calibration = json.loads(metadata["cmi_calibration"]) if "cmi_calibration" in metadata else None
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint") from None
@@ -778,7 +865,7 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         raise UserInputError(f"checkpoint '{path}' does not fit this run: {str(error).splitlines()[0]}") from None
     if iteration > (config.iterations or 0):
         raise UserInputError(f"checkpoint '{path}' is at iteration {iteration}, past the requested {config.iterations}")
-    return iteration, weights
+    return iteration, weights, calibration
 
 
 class MetricsLog:
@@ -798,11 +885,14 @@ class MetricsLog:
         self.handle = self.path.open("a")
         self.writer = SummaryWriter(str(files.tensorboard), purge_step=start_iteration if start_iteration else None)
 
-    def write(self, iteration: int, values: dict[str, float]) -> None:
+    def write(self, iteration: int, values: dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl``; the scalar values also to TensorBoard (lists, e.g. the accuracy of
+        every evaluation run, only to the JSON lines)."""
         self.handle.write(json.dumps({"iteration": iteration, **values}) + "\n")
         self.handle.flush()
         for name, value in values.items():
-            self.writer.add_scalar(name, value, iteration)
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(name, value, iteration)
 
     def close(self) -> None:
         self.handle.close()
@@ -982,20 +1072,30 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     if config.mim_weight > 0:
         terms.append(build_mim_term(config, sampler, real, device, optimizer, pool))
 
-    start, weights = 0, {}
+    held_out = None
+    if config.held_out_proxies is not None:
+        held_out = load_proxy_pool(config.held_out_proxies, real.info, device=str(device), cache=cache)
+        check_held_out(pool, held_out)
+
+    start, weights, calibrated = 0, {}, None
     if writer:
         files.root.mkdir(parents=True, exist_ok=True)
     if resume:
-        start, weights = load_checkpoint(files, synthetic, optimizer, config, average, processes=group.world_size)
+        start, weights, calibrated = load_checkpoint(files, synthetic, optimizer, config, average,
+                                                     processes=group.world_size)
     elif pool_regularizer is not None:
         if config.cmi_weight == "auto":
-            # The global first loss over every class, computed whole by every process (no split): the same
-            # number, bit for bit, as in a one-process run.
-            context = make_context(config, 0, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
-            weights = {"cmi": calibrate_cmi_weight(method, pool_regularizer, context, config.cmi_auto_fraction,
-                                                   config.precision)}
+            # The first losses over every class, computed whole by every process (no split): the same
+            # numbers, bit for bit, as in a one-process run.
+            contexts = [make_context(config, draw, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
+                        for draw in range(CALIBRATION_DRAWS)]
+            calibration = calibrate_cmi_weight(method, pool_regularizer, contexts, cmi_target_ratio(config.method, config.ipc),
+                                               config.cmi_auto_scale, config.precision)
+            weights = {"cmi": calibration.weight}
+            calibrated = calibration.to_dict()
             if writer:
-                log.info("cmi_weight auto: lambda = %.6g", weights["cmi"])
+                log.info("cmi_weight auto: lambda = %.6g (gradient ratio %.3g on the initial set)",
+                         calibration.weight, calibration.ratio)
         else:
             weights = {"cmi": float(config.cmi_weight)}
     if pool_regularizer is not None:
@@ -1003,7 +1103,8 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     weights.update({term.name: term.weight for term in terms if term.name != "cmi"})
     if writer:
         with atomic_path(files.config) as temporary:
-            temporary.write_text(yaml.safe_dump({**dataclasses.asdict(config), "resolved_weights": weights},
+            temporary.write_text(yaml.safe_dump({**dataclasses.asdict(config), "resolved_weights": weights,
+                                                 **({"cmi_calibration": calibrated} if calibrated else {})},
                                                 sort_keys=False))
 
     metrics = MetricsLog(files, start) if writer else None
@@ -1028,17 +1129,23 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
             if config.eval_every and done % config.eval_every == 0:
                 snapshot = _distilled_set(synthetic, method, average, config, real, weights, done, split)
                 if writer:  # rank 0 evaluates; the others wait for it at their next collective
-                    logged["eval/accuracy"] = _evaluate_now(snapshot, real, config, device)
+                    evaluated = _evaluate_now(snapshot, real, config, device)
+                    logged["eval/accuracy"] = evaluated.mean
+                    logged["eval/accuracies"] = evaluated.accuracies
             if pool is not None and config.monitor_every and (done % config.monitor_every == 0 or
                                                               done == config.iterations):
-                monitored = _monitored_cmi(pool, synthetic, average, real.info.num_classes, split)
-                if monitored is not None:
-                    logged["monitor/cmi"] = monitored
+                for key, monitor_pool in (("monitor/cmi", pool), ("monitor/cmi_heldout", held_out)):
+                    if monitor_pool is None or not monitor_pool.pooled:
+                        continue
+                    monitored = _monitored_cmi(monitor_pool, synthetic, average, real.info.num_classes, split)
+                    if monitored is not None:
+                        logged[key] = monitored
             if metrics is not None:
                 metrics.write(iteration, logged)
-            bar.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in logged.items()})
+            bar.set_postfix({name.split("/")[-1]: f"{value:.4g}" for name, value in logged.items()
+                             if isinstance(value, float)})
             if done % config.checkpoint_every == 0 or done == config.iterations:
-                save_checkpoint(files, synthetic, optimizer, done, config, weights, average, split)
+                save_checkpoint(files, synthetic, optimizer, done, config, weights, average, split, calibrated)
                 last_good = done
     finally:
         if metrics is not None:
@@ -1046,6 +1153,9 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
         bar.close()
 
     distilled = _distilled_set(synthetic, method, average, config, real, weights, config.iterations, split)
+    if calibrated is not None:
+        extra = {**distilled.metadata.extra, "cmi_calibration": json.dumps(calibrated)}
+        distilled = dataclasses.replace(distilled, metadata=dataclasses.replace(distilled.metadata, extra=extra))
     if writer:
         save_set(distilled, files.artefact)
     return DistillResult(out_dir=files.root, artefact=files.artefact, config=config, regularizer_weights=weights,
@@ -1093,9 +1203,35 @@ def _monitored_cmi(pool: ProxyPool, synthetic: SyntheticSet, average: ImageAvera
 
 
 def _evaluate_now(snapshot: DistilledSet, real: RealData, config: DistillConfig,
-                  device: torch.device | None = None) -> float:
-    """Mean test accuracy of the current set under the evaluation protocol (periodic evaluation)."""
+                  device: torch.device | None = None) -> EvalResult:
+    """The current set under the evaluation protocol (periodic evaluation), each run's accuracy. The runs'
+    seeds derive from the run seed alone, so two runs of one seed (with and without a term) are scored
+    with the same evaluation seeds: a paired comparison."""
     eval_config = EvalConfig(model=config.eval_model, epochs=config.eval_epochs, runs=config.eval_runs,
-                             seed=config.seed, device=str(device) if device is not None else config.device,
-                             precision="fp32")
-    return evaluate_set(snapshot, real, eval_config, progress=False).mean
+                             seed=config.seed, device=str(device) if device is not None else config.device)
+    return evaluate_set(snapshot, real, eval_config, progress=False)
+
+
+def check_held_out(pool: ProxyPool | None, held_out: ProxyPool) -> None:
+    """Refuse a held-out pool that is not disjoint from the optimised one (a proxy file with the same
+    content, or the same training seed and architecture), or that cannot measure the CMI (unpooled)."""
+    held_out.require_pooled("the held-out CMI")
+    if pool is None:
+        return
+    optimised = {_file_digest(record.path): record for record in pool.records if record.path is not None}
+    for record in held_out.records:
+        if record.path is None:
+            continue
+        twin = optimised.get(_file_digest(record.path))
+        if twin is None and held_out.arch == pool.arch:
+            twin = next((other for other in pool.records if other.seed == record.seed), None)
+        if twin is not None:
+            raise UserInputError(f"the held-out pool shares a proxy with the optimised pool: {record.path} is the "
+                                 f"proxy of {twin.path} (same {'training seed' if twin.seed == record.seed else 'file'});"
+                                 " build the held-out proxies with another --seed")
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -48,9 +48,11 @@ from infodistill.evaluate import (
     run_seeds,
     top1_accuracy,
     train_from_scratch,
+    use_batched_training,
 )
 from infodistill.files import atomic_path
 from infodistill.models import build_model, has_batch_norm, parse_model_name
+from infodistill.precision import check_precision, resolve_precision
 from infodistill.regularizers.cmi import cmi_from_features, vectorise_proxies
 
 PROXY_FORMAT = "infodistill-proxy-v1"
@@ -190,6 +192,8 @@ class ProxyMetadata(FileMetadata):
     batch_size: int
     test_accuracy: float
     augment: str = "none"
+    train_per_class: int = 0
+    precision: str = "fp32"
     version: str = __version__
     format: str = PROXY_FORMAT
 
@@ -231,14 +235,15 @@ _METADATA_PARSERS: dict[str, Callable[[str], Any]] = {
     "channels": int, "num_classes": int, "seed": int, "epochs": int, "batch_size": int,
     "lr": float, "momentum": float, "weight_decay": float, "test_accuracy": float,
     "image_size": _parse_image_size, "mean": _parse_floats, "std": _parse_floats,
-    "model": str, "zca": float, "layout": _parse_layout, "train_per_class": int,
+    "model": str, "zca": float, "layout": _parse_layout, "train_per_class": int, "precision": str,
 }
 """Parser of every metadata field of :class:`ProxyMetadata` and :class:`ExpertMetadata`, by name."""
 
 DATA_FIELDS = ("dataset", "num_classes", "channels", "image_size", "mean", "std")
 """Metadata that must match the dataset a pool is used with."""
 
-BUILD_FIELDS = DATA_FIELDS + ("arch", "epochs", "lr", "momentum", "weight_decay", "batch_size", "augment")
+BUILD_FIELDS = DATA_FIELDS + ("arch", "epochs", "lr", "momentum", "weight_decay", "batch_size", "augment",
+                              "train_per_class", "precision")
 """Metadata that must match for a build to add proxies to an existing pool directory."""
 
 EXPERT_BUILD_FIELDS = DATA_FIELDS + ("model", "epochs", "lr", "batch_size", "augment", "zca", "layout",
@@ -427,8 +432,17 @@ def train_proxy_pool(
     momentum: float = 0.9,
     weight_decay: float = 1e-3,
     batch_size: int = 256,
+    train_per_class: int = 0,
+    precision: str = "fp32",
+    batched: str = "off",
 ) -> list[ProxyRecord]:
     """Train proxies on ``real``'s training set and write them to ``out_dir``; return the pool's records.
+
+    ``train_per_class`` > 0 trains on a class-balanced random part of that many images per class (drawn
+    with ``seed``; quicker proxies on a CPU), ``precision`` is the arithmetic of the training forward
+    passes (``fp32``, ``bf16`` or ``auto``, resolved here and recorded), ``batched`` trains the proxies
+    still to build together as one vectorised model (``on``; ``auto``: on GPUs) instead of one after
+    another; both give the same networks up to rounding.
 
     ``count`` is the size of the pool wanted in ``out_dir``. Proxies are trained one after another and
     each is written (atomically) as soon as it is trained, so an interrupted build keeps the finished
@@ -441,31 +455,45 @@ def train_proxy_pool(
     records of every proxy in ``out_dir``, existing and new, by index.
     """
     _check_count_and_seed(count, seed)
+    if isinstance(train_per_class, bool) or not isinstance(train_per_class, int) or train_per_class < 0:
+        raise UserInputError(f"train_per_class must be an integer >= 0 (0: all images), got {train_per_class!r}")
+    precision = resolve_precision(check_precision(precision), resolve_device(device), measured=False)
     config = EvalConfig(model=arch, runs=1, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        batch_size=batch_size, augment="none", lr_schedule="constant", seed=seed, device=device)
+                        batch_size=batch_size, augment="none", lr_schedule="constant", seed=seed, device=device,
+                        precision=precision, batched=batched)
     config.validate()
     canonical_arch = parse_model_name(arch).canonical_name
     info = real.info
     planned = dict(_data_values(info), arch=canonical_arch, epochs=epochs, lr=float(lr), momentum=float(momentum),
-                   weight_decay=float(weight_decay), batch_size=batch_size, augment="none")
+                   weight_decay=float(weight_decay), batch_size=batch_size, augment="none",
+                   train_per_class=train_per_class, precision=precision)
     plan = _top_up(Path(out_dir), ProxyMetadata, proxy_files, planned, BUILD_FIELDS, count, seed)
     records = [ProxyRecord(index, metadata.seed, metadata.test_accuracy, path) for index, path, metadata in plan.existing]
     if plan.to_train == 0:
         return records
 
     train_images, train_labels = real.train_tensors()
+    if train_per_class:
+        subset = ClassSampler(train_images, train_labels, info.num_classes)
+        train_images, train_labels = subset.random_subset(train_per_class, torch.Generator().manual_seed(seed))
     test_images, test_labels = real.test_tensors()
+    planned_seeds = plan.planned_seeds()
+    # trained together (vectorised) in groups, one after another otherwise; each proxy is written at once
+    together = use_batched_training(dataclasses.replace(config, runs=len(planned_seeds)), resolve_device(device))
+    groups = [planned_seeds] if together else [[entry] for entry in planned_seeds]
     bar = tqdm(total=plan.to_train, desc=f"proxies {canonical_arch}", unit="proxy", disable=not progress)
     with bar:
-        for index, proxy_seed in plan.planned_seeds():
-            (model,), _ = train_from_scratch(train_images, train_labels, info.num_classes, config, [proxy_seed],
-                                             progress=progress)
-            accuracy = top1_accuracy(model, test_images, test_labels)
-            metadata = ProxyMetadata(seed=proxy_seed, test_accuracy=accuracy, **planned)
-            path = save_proxy(model, Path(out_dir) / proxy_file_name(index), metadata)
-            records.append(ProxyRecord(index, proxy_seed, accuracy, path))
-            bar.set_postfix(test_acc=f"{accuracy:.1f}%")
-            bar.update(1)
+        for group in groups:
+            models, _ = train_from_scratch(train_images, train_labels, info.num_classes,
+                                           dataclasses.replace(config, runs=len(group)),
+                                           [proxy_seed for _, proxy_seed in group], progress=progress)
+            for (index, proxy_seed), model in zip(group, models):
+                accuracy = top1_accuracy(model, test_images, test_labels)
+                metadata = ProxyMetadata(seed=proxy_seed, test_accuracy=accuracy, **planned)
+                path = save_proxy(model, Path(out_dir) / proxy_file_name(index), metadata)
+                records.append(ProxyRecord(index, proxy_seed, accuracy, path))
+                bar.set_postfix(test_acc=f"{accuracy:.1f}%")
+                bar.update(1)
     return records
 
 
@@ -551,6 +579,7 @@ class ProxyPool:
             raise ValueError(f"{arch}: parameters and buffers {sorted(state_names ^ set(state))} are not in the state dict")
         self.arch = arch
         self.info = info
+        self.pooled = bool(getattr(template, "pooled_embedding", False))
         self.records: tuple[ProxyRecord, ...] = tuple(records)
         self.device = next(iter(state.values())).device
         self._state = state
@@ -630,6 +659,16 @@ class ProxyPool:
     def __len__(self) -> int:
         return len(self._models)
 
+    def require_pooled(self, what: str = "the CMI") -> None:
+        """Refuse, in one line, a pool whose embedding is a flattened spatial map (ConvNet, AlexNet, VGG):
+        a softmax over it measures where activations sit, not what the image shows."""
+        if not self.pooled:
+            where = f" in {self.records[0].path.parent}" if self.records and self.records[0].path else ""
+            raise UserInputError(
+                f"the proxies{where} are {self.arch}, whose embedding is a flattened spatial map, not a pooled "
+                f"vector; {what} needs pooled proxies: build them with `infodistill proxies --arch ResNet18` "
+                "(the paper's) or `--arch ConvNetGAP-3` (a ConvNet with a globally pooled embedding)")
+
     def __getitem__(self, index: int) -> nn.Module:
         """The proxy at position ``index`` (0..len-1, in file-number order)."""
         return self._models[index]
@@ -688,6 +727,7 @@ class ProxyPool:
         for name, value in (("chunk", chunk), ("image_batch", image_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        self.require_pooled()
         vectorised = vectorise_proxies(batched, self.device)
         images = images.to(self.device)
         labels = labels.to(self.device)

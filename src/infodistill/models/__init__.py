@@ -11,6 +11,7 @@ from infodistill.models.registry import (
     build_model,
     model_names_help,
     parse_model_name,
+    pooled_variant,
     register_family,
     registered_families,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "make_norm",
     "model_names_help",
     "parse_model_name",
+    "pooled_variant",
     "register_family",
     "registered_families",
 ]

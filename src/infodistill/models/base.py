@@ -24,6 +24,9 @@ class DistillModel(nn.Module):
     feature_dim: int
     features: nn.Module
     classifier: nn.Linear
+    pooled_embedding: bool = False
+    """True when ``embed`` is a globally pooled feature vector (ResNet, ConvNetGAP); False when it is a
+    flattened spatial map (ConvNet, AlexNet, VGG). The CMI regularizer needs a pooled one."""
 
     def embed(self, x: Tensor) -> Tensor:
         """Penultimate features, pooled and flattened: shape ``B x feature_dim``."""

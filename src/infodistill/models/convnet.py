@@ -1,4 +1,9 @@
-"""ConvNet, the standard dataset-distillation backbone (DC/DM/MTT): D blocks of conv-norm-ReLU-avgpool."""
+"""ConvNet, the standard dataset-distillation backbone (DC/DM/MTT): D blocks of conv-norm-ReLU-avgpool.
+
+``ConvNetGAP`` is the same network with a globally average-pooled embedding (``width`` features, like a
+ResNet's), the kind of proxy the CMI regularizer needs: a ConvNet's own ``embed`` is its flattened
+spatial map, over which a softmax measures where activations sit rather than what the image shows.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +29,10 @@ class ConvNet(DistillModel):
         depth: int = 3,
         width: int = 128,
         norm: str = "in",
+        pooled: bool = False,
     ) -> None:
         super().__init__()
-        size = FeatureMapSize(f"ConvNet-{depth}-{width}-{norm}", image_size)
+        size = FeatureMapSize(f"ConvNet{'GAP' if pooled else ''}-{depth}-{width}-{norm}", image_size)
         layers: list[nn.Module] = []
         in_channels = channels
         for block in range(depth):
@@ -40,8 +46,11 @@ class ConvNet(DistillModel):
             size.conv(3, padding=padding)
             size.pool(2)
             in_channels = width
+        if pooled:
+            layers.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*layers)
-        self.feature_dim = width * size.area
+        self.feature_dim = width if pooled else width * size.area
+        self.pooled_embedding = pooled
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
 
@@ -50,3 +59,10 @@ def build_convnet(spec: ModelSpec, channels: int, num_classes: int, image_size: 
     """Registry builder for ``ConvNet[-D[-W]][-norm]``."""
     assert spec.depth is not None and spec.width is not None
     return ConvNet(channels, num_classes, image_size, depth=spec.depth, width=spec.width, norm=spec.norm)
+
+
+@register_family("ConvNetGAP", depth_style="token", default_depth=3, default_width=128, default_norm="in")
+def build_pooled_convnet(spec: ModelSpec, channels: int, num_classes: int, image_size: tuple[int, int]) -> ConvNet:
+    """Registry builder for ``ConvNetGAP[-D[-W]][-norm]``: a ConvNet whose embedding is globally pooled."""
+    assert spec.depth is not None and spec.width is not None
+    return ConvNet(channels, num_classes, image_size, depth=spec.depth, width=spec.width, norm=spec.norm, pooled=True)

@@ -256,6 +256,15 @@ def build_model(
         return builder(spec, channels, num_classes, size)
 
 
+def pooled_variant(name: str) -> str:
+    """The canonical name of ``name`` with a globally pooled embedding: ``ConvNet-D-W-norm`` becomes
+    ``ConvNetGAP-D-W-norm``; a name of any other family is returned canonical and unchanged."""
+    spec = parse_model_name(name)
+    if spec.family == "ConvNet":
+        spec = ModelSpec("ConvNetGAP", spec.depth, spec.width, spec.norm)
+    return spec.canonical_name
+
+
 def registered_families() -> tuple[str, ...]:
     """Canonical names of all registered families, in registration order."""
     return tuple(family.name for family in _FAMILIES.values())

@@ -74,6 +74,7 @@ class ResNet(DistillModel):
         layers.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*layers)
         self.feature_dim = in_planes
+        self.pooled_embedding = True
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
 

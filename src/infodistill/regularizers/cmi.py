@@ -178,6 +178,7 @@ class CMIRegularizer(Regularizer):
             raise UserInputError(
                 f"proxies_per_step={proxies_per_step!r} is not allowed; use 1..{len(pool)} (the pool's size)"
             )
+        pool.require_pooled("the CMI regularizer")
         self.pool = pool
         self.proxies_per_step = proxies_per_step
         self.per_class = per_class
