@@ -91,8 +91,9 @@ def two_runs(tmp_path) -> tuple[Path, Path, Path]:
 
 
 def table_rows(markdown: str) -> dict[str, list[str]]:
-    """The Markdown table's data rows, keyed by run name, as lists of cells."""
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")][1:]  # drop the header
+    """The first Markdown table's data rows, keyed by run name, as lists of cells."""
+    first_table = markdown.split("\n\n")[1]  # the title, then the runs' table
+    lines = [line for line in first_table.splitlines() if line.startswith("| ")][1:]  # drop the header
     return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines)}
 
 

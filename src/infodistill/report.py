@@ -14,8 +14,12 @@ then writes into the output folder, each file through a temporary file renamed i
 - ``accuracy.png``: the periodic ``eval/accuracy`` of every run, with each evaluated baseline's mean
   accuracy as a dashed horizontal line;
 - ``grids.png``: up to ten images per class (one row per class) of every set, side by side;
+- ``convergence.png``: the periodic accuracy of every arm (runs that differ only in their seed) with its
+  95 % confidence band (:mod:`infodistill.arms`);
 - ``summary.md`` and ``summary.json``: one row per run and per baseline, with the gain in accuracy
-  points over the baseline.
+  points over the baseline; then one row per arm with its accuracy and 95 % interval, its final in-sample
+  and held-out CMI, and the paired difference of every arm against the first arm given (and against the
+  random subset) with its interval (:mod:`infodistill.comparison`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infodistill.arms import Arm, arm_rows, arms_markdown, group_arms, paired_rows
 from infodistill.artefact import DistilledSet, SetMetadata, load_set
 from infodistill.config import load_yaml_mapping
 from infodistill.distill import ARTEFACT_NAME as SET_NAME
@@ -42,6 +47,7 @@ FIGURES = {
     "cmi": "cmi.png",
     "accuracy": "accuracy.png",
     "grids": "grids.png",
+    "convergence": "convergence.png",
 }
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
@@ -285,6 +291,9 @@ def _markdown(summary: dict[str, Any]) -> str:
     parts.append(f"Gain vs baseline: accuracy points over `{reference}` (same evaluation model)."
                  if reference else "Gain vs baseline: no random-subset baseline given (`--baseline DIR`).")
     parts.append("Final CMI: the last `monitor/cmi` (the set's CMI under the proxy pool), else the last `loss/cmi`.")
+    tables = arms_markdown(summary.get("arms", []), summary.get("paired", []))
+    if tables:
+        parts += ["", tables]
     parts += ["", "## Figures", ""]
     parts += [f"![{name}]({file})" for name, file in summary["figures"].items()]
     return "\n".join(parts) + "\n"
@@ -368,6 +377,9 @@ def _plot_cmi(runs: Sequence[RunRecord], colours: dict[int, str], path: Path) ->
             if xs:
                 axis.plot(xs, ys, color=colours[id(record)], linewidth=1, label=f"{record.name} (loss/cmi)")
         drawn = drawn or bool(xs)
+        held_xs, held_ys = record.series("monitor/cmi_heldout")
+        if held_xs:
+            axis.plot(held_xs, held_ys, linestyle="--", color=colours[id(record)], label=f"{record.name} (held out)")
     if drawn:
         axis.set_xlabel("iteration")
         axis.set_ylabel("CMI")
@@ -402,6 +414,33 @@ def _plot_accuracy(runs: Sequence[RunRecord], baselines: Sequence[RunRecord], co
         axis.set_ylabel("test accuracy (%)")
         axis.legend(fontsize="small")
     axis.set_title("accuracy during distillation")
+    _save(figure, path)
+
+
+def _plot_convergence(arms: Sequence[Arm], path: Path) -> None:
+    """Each arm's periodic accuracy (mean over its seeds and periodic runs) with its 95 % confidence band."""
+    figure = _new_figure(6.5, 4.2)
+    axis = figure.subplots()
+    drawn = False
+    for index, arm in enumerate(arms):
+        curve = arm.curve()
+        if not curve:
+            continue
+        xs = [iteration for iteration, _ in curve]
+        means = [interval.mean for _, interval in curve]
+        lows = [interval.low if math.isfinite(interval.low) else interval.mean for _, interval in curve]
+        highs = [interval.high if math.isfinite(interval.high) else interval.mean for _, interval in curve]
+        colour = f"C{index % 10}"
+        axis.plot(xs, means, marker="o", markersize=3, color=colour, label=f"{arm.name} ({len(arm.seeds)} seeds)")
+        axis.fill_between(xs, lows, highs, color=colour, alpha=0.2, linewidth=0)
+        drawn = True
+    if drawn:
+        axis.set_xlabel("iteration")
+        axis.set_ylabel("test accuracy (%), 95 % band")
+        axis.legend(fontsize="small")
+    else:
+        _note(axis, NO_ACCURACY_NOTE)
+    axis.set_title("accuracy during distillation, by arm")
     _save(figure, path)
 
 
@@ -447,11 +486,14 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, baseline: RunRe
     everything = list(runs) + ([baseline] if baseline is not None else [])
     rows = summary_rows(runs, baseline)
     reference = _reference(runs, baseline)
+    arms = group_arms(everything)
     summary = {
         "dataset": runs[0].metadata.dataset,
         "reference": reference.name if reference is not None else None,
         "columns": list(COLUMNS),
         "rows": rows,
+        "arms": arm_rows(arms),
+        "paired": paired_rows(arms),
         "figures": dict(FIGURES),
     }
     colours = _colours(everything)
@@ -461,6 +503,7 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, baseline: RunRe
     _plot_accuracy([r for r in everything if not r.is_baseline], [r for r in everything if r.is_baseline], colours,
                    out_dir / FIGURES["accuracy"])
     _plot_grids(everything, out_dir / FIGURES["grids"])
+    _plot_convergence(arms, out_dir / FIGURES["convergence"])
     with atomic_path(out_dir / SUMMARY_MD) as temporary:
         temporary.write_text(_markdown(summary))
     with atomic_path(out_dir / SUMMARY_JSON) as temporary:
@@ -491,6 +534,9 @@ def command_report(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
         return 0
     print(_markdown_table(summary["rows"]))
+    tables = arms_markdown(summary["arms"], summary["paired"])
+    if tables:
+        print("\n" + tables)
     files = list(FIGURES.values()) + [SUMMARY_MD, SUMMARY_JSON]
     print(f"wrote {', '.join(files)} to {args.out}")
     return 0
