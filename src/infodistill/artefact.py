@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,9 +116,12 @@ class DistilledSet:
                 f"{source}: labels span {int(labels.min())}..{int(labels.max())} but the set has "
                 f"{self.num_classes} classes (0..{self.num_classes - 1})"
             )
-        if len(self.metadata.mean) != images.shape[1] or len(self.metadata.std) != images.shape[1]:
+        mean, std = self.metadata.mean, self.metadata.std
+        if not (isinstance(mean, tuple) and isinstance(std, tuple)):
+            raise UserInputError(f"{source}: metadata 'mean' and 'std' must be lists of numbers, got {mean!r}, {std!r}")
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
             raise UserInputError(
-                f"{source}: mean/std have {len(self.metadata.mean)} entries but the images have {images.shape[1]} channels"
+                f"{source}: mean/std have {len(mean)} entries but the images have {images.shape[1]} channels"
             )
         if self.soft_labels is not None and tuple(self.soft_labels.shape) != (len(images), self.num_classes):
             raise UserInputError(
@@ -125,6 +129,32 @@ class DistilledSet:
             )
         if self.lr is not None and self.lr.numel() != 1:
             raise UserInputError(f"{source}: 'lr' must hold one value, got {self.lr.numel()}")
+        self._check_values(source)
+
+    def _check_values(self, source: str) -> None:
+        """Refuse values no reader can use, which would otherwise train or score garbage without a word:
+        non-finite images or stored tensors, a learned lr that is not a finite number > 0, soft labels that
+        are not float probabilities (finite, >= 0, each row summing to 1), and normalisation or metadata
+        numbers (std, relabelling temperature, ZCA epsilon) that are not finite or not > 0."""
+        tensors = {"images": self.images, **{STORED_PREFIX + name: value for name, value in self.stored.items()}}
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserInputError(f"{source}: '{name}' holds NaN or infinite values; every value must be finite")
+        if self.lr is not None:
+            value = float(self.lr.reshape(-1)[0]) if self.lr.is_floating_point() else None
+            if value is None or not (math.isfinite(value) and value > 0):
+                raise UserInputError(f"{source}: 'lr' must be a finite float > 0 (a learned step size), "
+                                     f"got {self.lr.reshape(-1)[0].item()!r} ({self.lr.dtype})")
+        if self.soft_labels is not None:
+            _check_soft_labels(self.soft_labels, source)
+        metadata = self.metadata
+        if not all(_is_number(value) and math.isfinite(value) for value in metadata.mean):
+            raise UserInputError(f"{source}: metadata 'mean' must hold finite numbers, got {list(metadata.mean)}")
+        if not all(_is_number(value) and math.isfinite(value) and value > 0 for value in metadata.std):
+            raise UserInputError(f"{source}: metadata 'std' must hold finite numbers > 0, got {list(metadata.std)}")
+        for key in ("relabel_temperature", "zca"):
+            if key in metadata.extra:
+                _positive_number(metadata.extra[key], key, source)
 
     def denormalised(self) -> torch.Tensor:
         """Images back in [0, 1] pixel units, clamped, for viewing."""
@@ -140,6 +170,41 @@ class DistilledSet:
             tensors["lr"] = self.lr.detach().cpu().float().reshape(1).contiguous()
         tensors.update({STORED_PREFIX + name: value.detach().cpu().contiguous() for name, value in self.stored.items()})
         return tensors
+
+
+SOFT_LABEL_TOLERANCE = 1e-3
+"""How far a row of soft labels may sum from 1 (float32 softmax outputs sum to 1 within about 1e-6)."""
+
+
+def _check_soft_labels(soft: torch.Tensor, source: str) -> None:
+    """Soft labels are per-image class probabilities: float32, finite, >= 0, each row summing to 1."""
+    allowed = "float32 probabilities (finite, >= 0, each row summing to 1)"
+    if soft.dtype != torch.float32:
+        raise UserInputError(f"{source}: 'soft_labels' must be {allowed}, got dtype {soft.dtype}")
+    if not bool(torch.isfinite(soft).all()):
+        raise UserInputError(f"{source}: 'soft_labels' must be {allowed}, got NaN or infinite values")
+    if bool((soft < 0).any()):
+        raise UserInputError(f"{source}: 'soft_labels' must be {allowed}, got a negative value {float(soft.min()):g}")
+    sums = soft.double().sum(dim=1)
+    worst = int((sums - 1).abs().argmax()) if len(sums) else 0
+    if len(sums) and abs(float(sums[worst]) - 1) > SOFT_LABEL_TOLERANCE:
+        raise UserInputError(f"{source}: 'soft_labels' must be {allowed}, got row {worst} summing to "
+                             f"{float(sums[worst]):g}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_number(text: str, key: str, source: str) -> float:
+    """A metadata number that must be finite and > 0 (a temperature, an epsilon), or a one-line refusal."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise UserInputError(f"{source}: metadata '{key}' must be a finite number > 0, got {text!r}")
+    return value
 
 
 def grid_path_for(artefact_path: str | Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from infodistill import __version__
 from infodistill.artefact import grid_path_for, load_set, save_set
-from infodistill.config import build_config, load_yaml_mapping
+from infodistill.config import build_config, check_seed, load_yaml_mapping
 from infodistill.data import DATASET_NAMES, dataset_info, load_dataset
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
@@ -38,6 +38,7 @@ from infodistill.evaluate import (
     resolve_device,
     write_evaluation,
 )
+from infodistill.files import check_output_path
 from infodistill.models import model_names_help
 from infodistill.parallel import (
     DEFAULT_TIMEOUT_S,
@@ -267,12 +268,12 @@ def command_distill(args: argparse.Namespace) -> int:
     values.update({name: value for name, value in _distill_overrides(args).items() if value is not None})
     config = distill_config_from(values, f"config file '{args.config}'" if args.config else "config")
     config.validate()
-    out_dir = Path(args.out) if args.out else _default_run_dir(config)
+    out_dir = check_output_path(args.out if args.out else _default_run_dir(config), directory=True)
     if args.nproc is not None and args.nproc > 1:
         # Everything the processes would refuse at once is refused here, before any process starts.
         plan_split(config, args.nproc, dataset_info(config.dataset, data_root=config.data_root).num_classes)
         _check_devices(args.nproc, config.device)
-        check_out_dir(RunFiles(out_dir), args.resume)
+        check_out_dir(RunFiles(out_dir), args.resume, config)
         return launch(args.argv, args.nproc)
     group = init_from_environment(timeout, resolve_device(config.device).type)
     try:
@@ -335,8 +336,6 @@ def command_experts(args: argparse.Namespace) -> int:
         raise UserInputError(f"--lr must be a positive finite number, got {args.lr}")
     if not 0 <= args.zca < float("inf"):
         raise UserInputError(f"--zca must be >= 0 (the whitening epsilon; 0 turns whitening off), got {args.zca}")
-    if args.seed < 0:
-        raise UserInputError(f"--seed must be a non-negative integer, got {args.seed}")
     EvalConfig(model=args.model, device=args.device).validate()
     real = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
     records = train_experts(real, args.out, model=args.model, count=args.count, epochs=args.epochs, lr=args.lr,
@@ -649,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if launched_by_torchrun():
         where += f" (rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']})"
     try:
+        _check_common_flags(args)
         return handler(args)
     except UserInputError as error:
         _error_line(f"{where}: error: {error}")
@@ -659,6 +659,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error_line(f"{where}: interrupted")
         return 130
+
+
+FILE_OUTPUTS = {"baseline": "out", "evaluate": "out", "cmi": "ordered_grid"}
+"""Per command, the flag (attribute) naming a file it writes; every other command's ``--out`` is a folder."""
+
+
+def _check_common_flags(args: argparse.Namespace) -> None:
+    """One boundary for what every command takes alike, checked before any work: a seed in 0..2**63-1, and an
+    output (``--out``, ``--ordered-grid``) that can be written (:func:`~infodistill.files.check_output_path`)."""
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed, "--seed")
+    file_flag = FILE_OUTPUTS.get(args.command)
+    for name in ("out", "ordered_grid"):
+        value = getattr(args, name, None)
+        if value is not None:
+            check_output_path(value, directory=name != file_flag, flag="--" + name.replace("_", "-"))
 
 
 def _error_line(text: str) -> None:

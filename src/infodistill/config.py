@@ -8,6 +8,7 @@ are refused with one line that names them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -46,7 +47,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise UserInputError(f"config key '{key}': {value!r} is not an integer")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                number = math.inf
+            if not math.isfinite(number):  # no setting means anything by an infinite or NaN value
+                raise UserInputError(f"config key '{key}': {value!r} is not a finite number")
+            return number
         raise UserInputError(f"config key '{key}': {value!r} is not a number")
     if annotation is str:
         if isinstance(value, str):
@@ -57,6 +64,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise UserInputError(f"config key '{key}': {value!r} is not a list")
         (item_type, *_rest) = typing.get_args(annotation)
         return tuple(_coerce(item, item_type, key) for item in value)
+    return value
+
+
+MAX_SEED = 2**63 - 1
+"""The largest seed any command takes: seeds are 0..2**63-1 everywhere (what a signed 64-bit integer holds, and
+what numpy's seed sequences and torch's generators accept)."""
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """``value`` if it is an integer seed in 0..:data:`MAX_SEED`, else a one-line error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise UserInputError(f"{name} must be an integer in 0..{MAX_SEED} (2**63-1), got {value!r}")
     return value
 
 

@@ -8,13 +8,18 @@ steps the image optimiser, and logs every term. Around that it keeps the run saf
   from a checkpoint at iteration k continues exactly as the uninterrupted run did (bit for bit on CPU);
 - checkpoints: the synthetic set, the optimiser's momentum and the resolved settings, written
   atomically every ``checkpoint_every`` iterations; ``resume`` continues from the last one;
-- a loss that becomes NaN or infinite stops the run; the last good checkpoint stays as it was;
+- a loss that becomes NaN or infinite, or an update that makes a stepped tensor so, stops the run at that
+  iteration (in every process of a split run); the last good checkpoint stays as it was, and no artefact
+  is written from non-finite state;
+- the run directory: one run at a time (an OS lock, taken by rank 0), and a fresh run never overwrites
+  files already there;
 - logs: every loss term per iteration to ``metrics.jsonl`` and TensorBoard (``tb/``);
 - output: the artefact ``set.safetensors`` with its PNG grid, and ``config.yaml``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,12 +39,12 @@ from tqdm.auto import tqdm
 from infodistill import __version__
 from infodistill.artefact import DistilledSet, SetMetadata, save_set
 from infodistill.augment import DSA
-from infodistill.config import config_from_mapping
+from infodistill.config import check_seed, config_from_mapping
 from infodistill.data import ClassSampler, RealData, load_dataset
 from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EvalConfig, EvalResult, evaluate_set, resolve_device
-from infodistill.files import atomic_path
+from infodistill.files import atomic_path, directory_in_use, directory_lock
 from infodistill.methods import (
     METHOD_REGISTRY,
     ClassUpdate,
@@ -54,6 +59,7 @@ from infodistill.models import parse_model_name
 from infodistill.parallel import (
     SINGLE_PROCESS,
     ProcessGroup,
+    all_gather_objects,
     all_gather_tensors,
     all_reduce_sum,
     is_main,
@@ -171,8 +177,7 @@ class DistillConfig:
         method_class(self.method)
         if self.ipc < 1:
             raise UserInputError(f"ipc must be a positive integer, got {self.ipc}")
-        if self.seed < 0:
-            raise UserInputError(f"seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         if self.param is not None and self.param not in PARAMETERISATION_REGISTRY:
             raise UserInputError(f"param '{self.param}' is not one of: {', '.join(sorted(PARAMETERISATION_REGISTRY))}")
         if self.init is not None and self.init not in INITS:
@@ -199,13 +204,13 @@ class DistillConfig:
                 raise UserInputError(f"{name} must be >= 0, got {value}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise UserInputError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
-        if self.zca < 0:
-            raise UserInputError(f"zca must be >= 0 (0 turns whitening off), got {self.zca}")
+        if not 0 <= self.zca < math.inf:
+            raise UserInputError(f"zca must be a finite number >= 0 (0 turns whitening off), got {self.zca}")
         for name in ("lr_images", "lr_net", "cmi_auto_scale", "lr_lr", "lr_labels", "mim_temperature", "mim_lr",
                      "relabel_temperature"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise UserInputError(f"{name} must be positive, got {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise UserInputError(f"{name} must be positive and finite, got {value}")
         if self.momentum_images is not None and not 0 <= self.momentum_images < 1:
             raise UserInputError(f"momentum_images must be in [0, 1), got {self.momentum_images}")
         check_cmi_weight(self.cmi_weight)
@@ -682,6 +687,7 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
     learned = [p for param_group in optimizer.param_groups for p in param_group["params"]]
     sums: dict[str, float] = {}
     updates = 0
+    non_finite: str | None = None  # in a split run: how this process's first non-finite update is reported
     for step in computed_in(precision, device, method.iteration(context)):
         matching, label = (step.loss, step.label) if isinstance(step, ClassUpdate) else (step, None)
         active = [term for term in terms if term.active(context.iteration)]
@@ -689,7 +695,8 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
             _add_update(sums, _skipped_update(method, active, context), context.iteration, group)
             for parameter in learned:
                 parameter.grad = torch.zeros_like(parameter)
-            _step(optimizer, method, synthetic, average)
+            reason = _step(optimizer, method, synthetic, average, context.iteration, group)
+            non_finite = non_finite or reason
             updates += 1
             continue
         matching = to_fp32(matching)
@@ -716,12 +723,17 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
         total.backward(inputs=learned)  # only the set and the method's tensors learn; networks stay untouched
         if replicated:
             _sum_gradients_over_processes(learned, group)
-        _step(optimizer, method, synthetic, average)
+        reason = _step(optimizer, method, synthetic, average, context.iteration, group)
+        non_finite = non_finite or reason
         updates += 1
     if group.distributed:  # one exchange per iteration, so that no process waits for another at every update
-        sums = _summed_over_processes({name: torch.tensor(value, dtype=torch.float64) for name, value in sums.items()},
-                                      group)
+        exchanged = {name: torch.tensor(value, dtype=torch.float64) for name, value in sums.items()}
+        exchanged[_NON_FINITE_PROCESSES] = torch.tensor(float(non_finite is not None), dtype=torch.float64)
+        sums = _summed_over_processes(exchanged, group)
         _check_finite(sums["loss/total"], context.iteration)
+        if sums.pop(_NON_FINITE_PROCESSES) > 0:  # every process stops here together, none writes the state
+            raise LossDiverged(non_finite or f"an update of iteration {context.iteration} made the tensors of "
+                               "another process non-finite")
     return {name: value / max(updates, 1) for name, value in sums.items()}
 
 
@@ -749,14 +761,45 @@ def _skipped_update(method: Method, active: list[RegularizerTerm], context: Dist
     return {f"loss/{method.name}": zero, **{f"loss/{term.name}": zero for term in active}, "loss/total": zero}
 
 
-def _step(optimizer: torch.optim.Optimizer, method: Method, synthetic: SyntheticSet,
-          average: ImageAverage | None) -> None:
-    """The optimiser step, the method's projection and the image average's update, after every image update."""
+_NON_FINITE_PROCESSES = "processes/non_finite"
+"""The entry of a split run's end-of-iteration exchange that counts the processes whose tensors became non-finite."""
+
+
+def _step(optimizer: torch.optim.Optimizer, method: Method, synthetic: SyntheticSet, average: ImageAverage | None,
+          iteration: int = 0, group: ProcessGroup = SINGLE_PROCESS) -> str | None:
+    """The optimiser step, the method's projection and the image average's update, after every image update.
+
+    Then every stepped tensor (the set's, a learned lr, soft-label logits, projection heads) must be finite:
+    in one process a non-finite one stops the run at once (:class:`LossDiverged`), before anything of this
+    state can reach a checkpoint or the artefact. In a split run the process returns the reason instead, and
+    :func:`run_iteration` stops every process together after the iteration's one exchange. Returns None when
+    all is finite. The check only reads the tensors, so a finite run computes exactly as without it."""
     optimizer.step()
     with torch.no_grad():
         method.project(synthetic)
     if average is not None:
         average.update(synthetic)
+    bad = _non_finite_tensor(optimizer)
+    if bad is None:
+        return None
+    reason = f"the update at iteration {iteration} made '{bad}' non-finite"
+    if not group.distributed:
+        raise LossDiverged(reason)
+    return reason
+
+
+def _non_finite_tensor(optimizer: torch.optim.Optimizer) -> str | None:
+    """The checkpoint name (``<group name>.<position>``) of the first tensor the optimiser steps that holds a NaN
+    or an infinity, else None (one device synchronisation for all of them). A group without a name (an optimiser
+    built outside the loop) is named by its index."""
+    named = [(f"{group.get('name', index)}.{position}", parameter)
+             for index, group in enumerate(optimizer.param_groups)
+             for position, parameter in enumerate(group["params"])]
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).cpu()
+    if bool(finite.all()):
+        return None
+    return next(name for (name, _), ok in zip(named, finite.tolist()) if not ok)
 
 
 def _learned_groups(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, torch.Tensor]]:
@@ -1004,15 +1047,78 @@ def run_precision(config: DistillConfig, device: torch.device | str) -> str:
     return resolve_precision(config.precision, device, method_class(config.method).bf16_measured)
 
 
-def check_out_dir(files: RunFiles, resume: bool) -> None:
-    """Refuse to start a run over an existing one, or to resume one that has no checkpoint (reads only)."""
+RUN_FILE_ATTRIBUTES = ("config", "metrics", "checkpoint", "artefact")
+"""The files of a run directory that a fresh run writes, overwriting what is there."""
+
+
+def check_out_dir(files: RunFiles, resume: bool, config: DistillConfig | None = None,
+                  locked_by_me: bool = False) -> None:
+    """Refuse, in one line, a run directory this run cannot use (reads only): one that is a file, one another
+    run holds (its lock; skipped with ``locked_by_me``), one to resume that has no checkpoint, and for a fresh run
+    one holding a run (checkpoint or artefact) or other files it would overwrite (``config.yaml``,
+    ``metrics.jsonl``). The exception: the ``config.yaml`` and ``metrics.jsonl`` of this same ``config`` with no
+    checkpoint yet, which a run interrupted before its first checkpoint left (a sweep or continual run restarts
+    such a cell afresh)."""
+    if files.root.exists() and not files.root.is_dir():
+        raise UserInputError(f"--out '{files.root}' exists and is not a directory; choose another --out")
+    in_use = None if locked_by_me else directory_in_use(files.root)
+    if in_use is not None:
+        raise UserInputError(in_use)
     if resume:
         if not files.checkpoint.exists():
             raise UserInputError(f"cannot resume: '{files.checkpoint}' does not exist (run without --resume first)")
-    elif files.checkpoint.exists() or files.artefact.exists():
-        raise UserInputError(
-            f"'{files.root}' already holds a run; pass --resume to continue it, or choose another --out"
-        )
+        return
+    present = [getattr(files, name) for name in RUN_FILE_ATTRIBUTES if getattr(files, name).exists()]
+    names = ", ".join(path.name for path in present)
+    if files.checkpoint.exists() or files.artefact.exists():
+        raise UserInputError(f"'{files.root}' already holds a run ({names}); pass --resume to continue it, or choose "
+                             "another --out")
+    if present and not _interrupted_run_of(files, config):
+        raise UserInputError(f"'{files.root}' already holds {names}, which a new run would overwrite; choose another "
+                             "--out, or move them away")
+
+
+def _interrupted_run_of(files: RunFiles, config: DistillConfig | None) -> bool:
+    """Whether ``files.config`` is the config.yaml of ``config`` (up to the settings a resumed run may change
+    and the resolved precision): the leftovers of this run, interrupted before its first checkpoint."""
+    if config is None or not files.config.is_file():
+        return False
+    try:
+        stored = yaml.safe_load(files.config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not isinstance(stored, dict):
+        return False
+    ignored = {*RESUMABLE_CHANGES, "precision", "resolved_weights", "cmi_calibration"}
+    current = dataclasses.asdict(config.with_method_defaults())
+    return ({key: value for key, value in stored.items() if key not in ignored} ==
+            {key: value for key, value in current.items() if key not in ignored})
+
+
+@contextlib.contextmanager
+def _held_run_directory(files: RunFiles, resume: bool, config: DistillConfig,
+                        group: ProcessGroup) -> Iterator[None]:
+    """Hold the run directory for the block: rank 0 checks it (:func:`check_out_dir`), takes its lock
+    (:func:`~infodistill.files.directory_lock`) and checks it again under the lock; in a split run every process
+    learns the outcome (one exchange), so all start, or all refuse with rank 0's line."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if is_main(group):
+            try:
+                check_out_dir(files, resume, config)  # before the lock creates the directory
+                stack.enter_context(directory_lock(files.root))
+                check_out_dir(files, resume, config, locked_by_me=True)
+            except UserInputError as error:
+                stack.close()
+                refusal = str(error)
+            except OSError as error:  # e.g. a folder that cannot be created
+                stack.close()
+                refusal = f"cannot use --out '{files.root}': {error.strerror or error}"
+        if group.distributed:
+            refusal = next((line for line in all_gather_objects(group, refusal) if line is not None), None)
+        if refusal is not None:
+            raise UserInputError(refusal)
+        yield
 
 
 def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -1032,7 +1138,13 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     config.validate()
     config = config.with_method_defaults()
     files = RunFiles(out_dir)
-    check_out_dir(files, resume)
+    with _held_run_directory(files, resume, config, group):
+        return _distill_in(config, files, resume, progress, real, cache, group, started)
+
+
+def _distill_in(config: DistillConfig, files: RunFiles, resume: bool, progress: bool, real: RealData | None,
+                cache: LoadCache | None, group: ProcessGroup, started: float) -> DistillResult:
+    """:func:`distill` in its run directory, which this run holds (rank 0 has its lock)."""
     device = rank_device(group, resolve_device(config.device))
     # 'auto' is fixed here, so config.yaml and the checkpoint record what the run computes in.
     config = dataclasses.replace(config, precision=run_precision(config, device))
@@ -1156,10 +1268,22 @@ def distill(config: DistillConfig, out_dir: str | Path, resume: bool = False, pr
     if calibrated is not None:
         extra = {**distilled.metadata.extra, "cmi_calibration": json.dumps(calibrated)}
         distilled = dataclasses.replace(distilled, metadata=dataclasses.replace(distilled.metadata, extra=extra))
+    _check_finite_set(distilled, files)
     if writer:
         save_set(distilled, files.artefact)
     return DistillResult(out_dir=files.root, artefact=files.artefact, config=config, regularizer_weights=weights,
                          iterations=config.iterations, seconds=time.perf_counter() - started)
+
+
+def _check_finite_set(distilled: DistilledSet, files: RunFiles) -> None:
+    """Stop (:class:`LossDiverged`) rather than write an artefact holding a NaN or an infinity: every stepped
+    tensor was finite, but decoding them (a low-rank product, an average) can still overflow."""
+    for name in ("images", "soft_labels", "lr"):
+        tensor = getattr(distilled, name)
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            kept = f"'{files.checkpoint}' is kept" if files.checkpoint.exists() else "no checkpoint was written"
+            raise LossDiverged(f"the set's {name} are not finite after {distilled.metadata.iterations} iterations; "
+                               f"the artefact was not written; {kept}")
 
 
 def build_mim_term(config: DistillConfig, sampler: ClassSampler, real: RealData, device: torch.device,

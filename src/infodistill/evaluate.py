@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from infodistill.artefact import DistilledSet, SetMetadata
 from infodistill.augment import DSA
+from infodistill.config import check_seed
 from infodistill.data import ClassSampler, DatasetInfo, RealData
 from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
@@ -86,12 +87,13 @@ class EvalConfig:
         for name, value in positive_ints.items():
             if value < 1:
                 raise UserInputError(f"{name} must be a positive integer, got {value}")
-        if not self.lr > 0:
-            raise UserInputError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise UserInputError(f"lr must be positive and finite, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise UserInputError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise UserInputError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise UserInputError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        check_seed(self.seed)
         if self.augment not in AUGMENTATIONS:
             raise UserInputError(f"augment '{self.augment}' is not one of: {', '.join(AUGMENTATIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
