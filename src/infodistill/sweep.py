@@ -345,11 +345,14 @@ def command_sweep(args: argparse.Namespace) -> int:
         raise UserInputError(f"--out '{out}' is a file; a sweep needs a folder")
     sweep = Sweep(spec, out, progress=not args.quiet)
     state = sweep.run()
+    tables = ""
     if args.report:
+        from infodistill.arms import arms_markdown
         from infodistill.report import load_runs, write_report
 
         runs, baseline = load_runs(sweep.run_dirs())
-        write_report(runs, out / "report", baseline)
+        summary = write_report(runs, out / "report", baseline)
+        tables = arms_markdown(summary["arms"], summary["paired"])
     if args.json:
         print(json.dumps(state, indent=2))
     else:
@@ -357,6 +360,8 @@ def command_sweep(args: argparse.Namespace) -> int:
             scores = ", ".join(f"{model} {value['mean']:.2f} +- {value['std']:.2f} %"
                                for model, value in entry.get("accuracy", {}).items())
             print(f"{name:<48} {entry['status']:<8} {scores or entry.get('error', '')}")
+        if tables:
+            print("\n" + tables + "\n")
         print(f"sweep: {out / SWEEP_STATE_NAME}" + (f"; report: {out / 'report'}" if args.report else ""))
     failed = [name for name, entry in state["cells"].items() if entry["status"] == "failed"]
     return 1 if failed else 0
