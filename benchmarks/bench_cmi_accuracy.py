@@ -18,11 +18,10 @@ import torch
 
 from infodistill.artefact import load_set, save_set
 from infodistill.data import ClassSampler, load_dataset
-from infodistill.distill import CALIBRATION_STREAM, DistillConfig, build_method, make_context, distill
+from infodistill.distill import CALIBRATION_STREAM, DistillConfig, build_method, distill, make_context
 from infodistill.evaluate import EvalConfig, evaluate_set, random_subset
 from infodistill.pools import ProxyPool, proxy_files, train_proxy_pool
 from infodistill.synthetic import PixelSet
-
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 PAPER_DM_LAMBDAS = {"cifar10-ipc10": 8000.0, "cifar100-ipc10": 2000.0, "svhn-ipc10": 18000.0}

@@ -4,7 +4,7 @@ Everything runs in this one process on the same data, so each ratio compares lik
 
 - ``dm``: one iteration of the library's DM (IPC 10, 256 real images per class, ConvNet-3, DSA);
 - ``dm+cmi``: the same plus the CMI term with one random proxy per step (the paper's rule), for a
-  ResNet18 pool (the paper's proxy) and a ConvNet-3-32 pool, computed every step and every 4th step;
+  ResNet18 pool (the paper's proxy) and a ConvNetGAP-3-32 pool, computed every step and every 4th step;
 - ``reference``: a straightforward per-class DM written here (one forward per class and side).
 
 Proxy weights are random: the cost of the term does not depend on them. Prints one JSON object.
@@ -26,7 +26,6 @@ from infodistill.models import build_model
 from infodistill.pools import ProxyPool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
-
 from report import emit_json, fashion_mnist_sampler, speed_parser, timed_round_robin  # benchmarks/report.py
 
 
@@ -71,7 +70,7 @@ def main() -> None:
 
     info = real.info
     pools = {}
-    for arch in ("ResNet18", "ConvNet-3-32"):
+    for arch in ("ResNet18", "ConvNetGAP-3-32"):
         models = [build_model(arch, info.channels, info.num_classes, info.image_size, seed=k) for k in range(2)]
         pools[arch] = ProxyPool(models, arch, info)
 

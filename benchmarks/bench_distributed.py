@@ -19,7 +19,7 @@ amplify; so the short two-process run is also compared with a one-process run of
 same threads per process (``artefacts_same_threads``): that pair should be bit-identical (trajectory split:
 equal up to the order of the gradient sum).
 
-The pool (ConvNet-3-32, --pool-count proxies, 1 epoch on --pool-train-per-class images per class) is
+The pool (ConvNetGAP-3-32, --pool-count proxies, 1 epoch on --pool-train-per-class images per class) is
 trained here unless --pool names one; so are the teacher (1 network like a pool's, with batch norm) and the
 experts (2 x --expert-train-epochs epochs on the same subset). Prints one JSON object (and writes it with --out).
 
@@ -44,13 +44,13 @@ from safetensors.torch import load_file
 
 from infodistill.data import load_dataset
 from infodistill.pools import train_experts, train_proxy_pool
-
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 PROCESSES = (1, 2)
 
 
 MODEL = "ConvNet-3-32"
+POOL_ARCH = "ConvNetGAP-3-32"  # the CMI needs proxies with a pooled embedding
 
 
 def _dm(args: argparse.Namespace, inputs: dict[str, Path]) -> list[str]:
@@ -89,7 +89,7 @@ def train_inputs(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     if "pool" in needed:
         inputs["pool"] = Path(args.pool) if args.pool else work / "pool"
         if args.pool is None:
-            train_proxy_pool(subset, inputs["pool"], arch=MODEL, count=args.pool_count, epochs=1, seed=args.seed,
+            train_proxy_pool(subset, inputs["pool"], arch=POOL_ARCH, count=args.pool_count, epochs=1, seed=args.seed,
                              progress=False)
     if "teacher" in needed:
         inputs["teacher"] = work / "teacher"

@@ -19,7 +19,6 @@ from infodistill.data import load_dataset
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EvalConfig, random_subset, run_seeds, train_from_scratch
 from infodistill.models import build_model
-
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 

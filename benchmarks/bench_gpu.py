@@ -45,9 +45,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -61,7 +62,6 @@ from infodistill.models import build_model
 from infodistill.pools import ProxyPool, train_experts, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
-
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 ITEMS = (

@@ -1,7 +1,7 @@
 """Mixed precision: bf16 against fp32 on real Fashion-MNIST, speed and accuracy, all in this one process.
 
 - (a) distillation speed: median seconds of one DM + CMI iteration (IPC --ipc, ConvNet-3, --batch-real real
-  images per class, DSA, one proxy per step from a ConvNet-3-32 pool of --pool-count proxies trained
+  images per class, DSA, one proxy per step from a ConvNetGAP-3-32 pool of --pool-count proxies trained
   --pool-epochs epoch(s) on --pool-train-per-class images per class), fp32 and bf16 called in turn
   (``timed_round_robin``), each on its own copy of the same initial set;
 - (b) evaluation: a random IPC --ipc subset trained --eval-epochs x --eval-runs (ConvNet-3, the protocol,
@@ -34,7 +34,6 @@ from infodistill.pools import ProxyPool, train_proxy_pool
 from infodistill.precision import COMPUTE_PRECISIONS as PRECISIONS
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
-
 from report import emit_json, fashion_mnist_sampler, speed_parser, timed_round_robin  # benchmarks/report.py
 
 ACCURACY_TOLERANCE_POINTS = 0.5
@@ -129,7 +128,7 @@ def main() -> None:
         started = time.perf_counter()
         pool_dir = work / "pool"
         records = train_proxy_pool(real.training_subset(args.pool_train_per_class, args.seed), pool_dir,
-                                   arch="ConvNet-3-32", count=args.pool_count, epochs=args.pool_epochs, seed=args.seed,
+                                   arch="ConvNetGAP-3-32", count=args.pool_count, epochs=args.pool_epochs, seed=args.seed,
                                    device=str(device), progress=False)
         pool_seconds = time.perf_counter() - started
         pool = ProxyPool.load(pool_dir, real.info, device=str(device))
@@ -153,7 +152,7 @@ def main() -> None:
                     "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None},
         "setting": {"dataset": "fashion-mnist", "ipc": args.ipc, "batch_real": args.batch_real, "model": "ConvNet-3",
                     "augment": "dsa", "repeats": args.repeats, "seed": args.seed,
-                    "pool": {"arch": "ConvNet-3-32", "count": args.pool_count, "epochs": args.pool_epochs,
+                    "pool": {"arch": "ConvNetGAP-3-32", "count": args.pool_count, "epochs": args.pool_epochs,
                              "train_per_class": args.pool_train_per_class, "build_seconds": round(pool_seconds, 1),
                              "test_accuracy": [round(record.test_accuracy, 2) for record in records]},
                     "eval": {"model": "ConvNet-3", "epochs": args.eval_epochs, "runs": args.eval_runs},

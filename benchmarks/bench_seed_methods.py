@@ -26,7 +26,6 @@ from infodistill.distill import (
     run_iteration,
 )
 from infodistill.pools import train_proxy_pool
-
 from report import emit_json, fashion_mnist_sampler, speed_parser, timed_round_robin
 
 

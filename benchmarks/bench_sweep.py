@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from infodistill.artefact import load_set
-
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 DISTILL = {"method": "dm", "ipc": 10, "iterations": 20, "model": "ConvNet-3-32", "batch_real": 64, "seed": 0}
@@ -42,7 +41,7 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     pool = work / "pool"
-    infodistill("proxies", "--arch", "ConvNet-3-32", "--count", "2", "--epochs", "1", "--out", str(pool), "--json")
+    infodistill("proxies", "--arch", "ConvNetGAP-3-32", "--count", "2", "--epochs", "1", "--out", str(pool), "--json")
     weights = [0.0] + [10.0 ** power for power in range(args.cells - 1)]
 
     started = time.perf_counter()
@@ -69,7 +68,7 @@ def main() -> None:
     emit_json({
         "benchmark": "sweep_vs_separate_processes",
         "cells": len(weights),
-        "cell": {**DISTILL, "proxies": "2 x ConvNet-3-32", "evaluate": " ".join(EVALUATE)},
+        "cell": {**DISTILL, "proxies": "2 x ConvNetGAP-3-32", "evaluate": " ".join(EVALUATE)},
         "sweep_seconds": round(sweep_seconds, 2),
         "separate_processes_seconds": round(separate_seconds, 2),
         "separate_over_sweep": round(separate_seconds / sweep_seconds, 3),

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from infodistill.theory import TheoryConfig, quick_config, run_theory, setting_students, setting_task, train_student
-
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 

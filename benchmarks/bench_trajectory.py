@@ -34,7 +34,6 @@ from infodistill.distill import DistillConfig, RegularizerTerm, build_run_parts,
 from infodistill.models import build_model
 from infodistill.pools import ProxyPool, train_experts
 from infodistill.regularizers import CMIRegularizer
-
 from report import emit_json, fashion_mnist_sampler  # benchmarks/report.py (scripts run from this folder)
 
 

@@ -14,7 +14,7 @@ pool="$out/pool"
 want() { [[ $part == "$1" || $part == all ]]; }
 
 if [[ ! -f "$out/pool.json" ]]; then
-  infodistill proxies --arch ConvNet-3-32 --count 2 --epochs 2 --out "$pool" --json > "$out/pool.json"
+  infodistill proxies --arch ConvNetGAP-3-32 --count 2 --epochs 2 --out "$pool" --json > "$out/pool.json"
 fi
 
 if want lambda; then

@@ -26,7 +26,7 @@ evaluate() {  # evaluate RUN... : score each artefact once, skipping those alrea
 }
 
 if [[ ! -f "$out/proxies.json" ]]; then
-  infodistill proxies --arch ConvNet-3-32 --count 2 --epochs 2 --out "$out/proxies" --json > "$out/proxies.json"
+  infodistill proxies --arch ConvNetGAP-3-32 --count 2 --epochs 2 --out "$out/proxies" --json > "$out/proxies.json"
 fi
 
 if [[ $part == lowrank || $part == all ]]; then

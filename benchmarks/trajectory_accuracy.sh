@@ -15,7 +15,7 @@ eval_flags=(--epochs 300 --runs 2 --json)
 common=(--dataset fashion-mnist --model ConvNet-3-32 --seed 0 --quiet)
 
 if [[ ! -f "$out/proxies.json" ]]; then
-  infodistill proxies --arch ConvNet-3-32 --count 2 --epochs 2 --out "$out/proxies" --json > "$out/proxies.json"
+  infodistill proxies --arch ConvNetGAP-3-32 --count 2 --epochs 2 --out "$out/proxies" --json > "$out/proxies.json"
 fi
 
 if [[ $part == trajectory || $part == all ]]; then
