@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--batch-real", type=int, default=64)
-    parser.add_argument("--cmi-scale", type=float, default=1.0, help="the 'auto' rule's scale of the target gradient ratio")
+    parser.add_argument("--cmi-scale", type=float, default=1.0,
+                        help="the 'auto' rule's scale of the target gradient ratio")
     parser.add_argument("--proxy-arch", default="ConvNetGAP-3-32")
     parser.add_argument("--proxy-count", type=int, default=4)
     parser.add_argument("--proxy-epochs", type=int, default=2)
@@ -66,7 +67,8 @@ def main() -> None:
         if (run_dir / "set.safetensors").exists():
             result_path = run_dir / "set.safetensors"
         else:
-            result_path = distill(config, run_dir, resume=(run_dir / "checkpoint.safetensors").exists(), real=real).artefact
+            resume = (run_dir / "checkpoint.safetensors").exists()
+            result_path = distill(config, run_dir, resume=resume, real=real).artefact
         seconds[name] = time.perf_counter() - begun
         sets[name] = result_path
 
@@ -97,7 +99,8 @@ def main() -> None:
                  "test_accuracy": [round(r.test_accuracy, 2) for r in pool.records],
                  "build_seconds": round(pool_seconds, 1)},
         "auto_rule": {"scale": args.cmi_scale, "initial_dm_loss": first_loss, "initial_cmi": initial_cmi,
-                      "paper_lambda_as_fraction_here": {k: v * initial_cmi / first_loss for k, v in PAPER_DM_LAMBDAS.items()}},
+                      "paper_lambda_as_fraction_here": {k: v * initial_cmi / first_loss
+                                                        for k, v in PAPER_DM_LAMBDAS.items()}},
         "results": rows,
         "dm+cmi_minus_dm_points": round(rows["dm+cmi"]["mean"] - rows["dm"]["mean"], 2),
     }

@@ -64,7 +64,8 @@ def measure(args: argparse.Namespace) -> dict:
     def strength(weight: float | None) -> dict | None:
         if weight is None:
             return None
-        return {"lambda": weight, "gradient_ratio": weight * cmi_norm / method_norm, "loss_fraction": weight * cmi / loss}
+        return {"lambda": weight, "gradient_ratio": weight * cmi_norm / method_norm,
+                "loss_fraction": weight * cmi / loss}
 
     with torch.no_grad():
         per_proxy = pool.cmi(parts.synthetic.images(), parts.synthetic.labels, real.info.num_classes)
@@ -84,7 +85,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", type=Path, required=True, help="proxy pool directory (pooled proxies)")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--method", default="dm", help="distillation method (default: dm)")

@@ -52,7 +52,8 @@ def main() -> None:
     device = torch.device(args.device)
 
     real, sampler = fashion_mnist_sampler(device)
-    config = DistillConfig(method="dm", ipc=args.ipc, batch_real=args.batch_real, device=args.device).with_method_defaults()
+    config = DistillConfig(method="dm", ipc=args.ipc, batch_real=args.batch_real,
+                           device=args.device).with_method_defaults()
     synthetic = PixelSet.initialise(sampler, args.ipc, "real", torch.Generator().manual_seed(0)).to(device)
     optimizer = torch.optim.SGD(synthetic.parameters(), lr=config.lr_images, momentum=config.momentum_images)
     method = build_method(config)

@@ -72,8 +72,10 @@ def main() -> None:
         data = "random tensors shaped like fashion-mnist"
 
     throughput = {
-        f"{args.model} 1x28x28 batch 256": training_throughput(args.model, (1, 28, 28), 256, args.throughput_steps, args.device),
-        f"{args.model} 3x32x32 batch 256": training_throughput(args.model, (3, 32, 32), 256, args.throughput_steps, args.device),
+        f"{args.model} 1x28x28 batch 256": training_throughput(args.model, (1, 28, 28), 256, args.throughput_steps,
+                                                               args.device),
+        f"{args.model} 3x32x32 batch 256": training_throughput(args.model, (3, 32, 32), 256, args.throughput_steps,
+                                                               args.device),
     }
     base = EvalConfig(model=args.model, runs=args.runs, epochs=args.epochs, device=args.device)
     sequential = time_training(images, labels, replace(base, batched="off"))

@@ -21,7 +21,8 @@ item calls the library's own functions (the distillation loop's ``run_iteration`
 Times: CUDA events around each call after warm-up calls (cuDNN's algorithm choice, the allocator and lazy
 initialisation stay out of the numbers), the median of ``--repeats``; on a CPU ``time.perf_counter``. Peak
 memory: ``torch.cuda.max_memory_allocated`` per variant on CUDA, beside the baseline allocated before it. Proxy
-and network weights are random: the cost does not depend on them. Data: Fashion-MNIST where it loads, else random tensors of its shape (``--data``).
+and network weights are random: the cost does not depend on them. Data: Fashion-MNIST where it loads, else
+random tensors of its shape (``--data``).
 
 ``--budget-seconds`` bounds the whole run: an item is skipped (and listed under ``skipped``) once the budget is
 spent, and the evaluation trains fewer epochs (recorded, with the projected time of all 1000) when the
@@ -480,7 +481,7 @@ class Items:
                    "seconds": "one call of train_from_scratch training every run"}
         self.bench.item("evaluation[5x1000]", setting, {
             # left: this variant, those after it, and one share kept for proxy_training, the last item
-            variant: (lambda precision=precision, batched=batched, left=len(variants) - position + 1:
+            variant: (lambda precision=precision, batched=batched, left=len(variants) - position + 1:  # noqa: B008  binds this variant's values now
                       run(precision, batched, left))
             for position, (variant, (precision, batched)) in enumerate(variants.items())})
 

@@ -128,8 +128,8 @@ def main() -> None:
         started = time.perf_counter()
         pool_dir = work / "pool"
         records = train_proxy_pool(real.training_subset(args.pool_train_per_class, args.seed), pool_dir,
-                                   arch="ConvNetGAP-3-32", count=args.pool_count, epochs=args.pool_epochs, seed=args.seed,
-                                   device=str(device), progress=False)
+                                   arch="ConvNetGAP-3-32", count=args.pool_count, epochs=args.pool_epochs,
+                                   seed=args.seed, device=str(device), progress=False)
         pool_seconds = time.perf_counter() - started
         pool = ProxyPool.load(pool_dir, real.info, device=str(device))
 

@@ -128,10 +128,12 @@ def main() -> None:
     pool = ProxyPool([proxy.to(device) for proxy in proxies], args.cmi_proxy, info)
 
     with tempfile.TemporaryDirectory() as experts_dir:
-        train_experts(real.training_subset(100, seed=0), experts_dir, model=args.model, count=2, epochs=4, progress=False, device=args.device)
+        train_experts(real.training_subset(100, seed=0), experts_dir, model=args.model, count=2, epochs=4,
+                      progress=False, device=args.device)
         common = dict(dataset="fashion-mnist", ipc=args.ipc, model=args.model, device=args.device)
         # lr_images below MTT's 1000: these quick experts move fast in their first epochs, and at 1000 the
-        # images diverged (NaN) within 3 iterations (and lr_lr 1e-5 made the step size negative at 50 steps); the time of an iteration does not depend on the rate
+        # images diverged (NaN) within 3 iterations (and lr_lr 1e-5 made the step size negative at 50 steps);
+        # the time of an iteration does not depend on the rate
         trajectory = dict(experts=experts_dir, expert_epochs=2, max_start_epoch=2, lr_images=100.0, lr_lr=1e-7)
 
         memory: dict[str, dict] = {}
@@ -169,7 +171,8 @@ def main() -> None:
         "mtt_memory": memory,
         "checkpoint_vs_full": {} if args.skip_memory else {
             str(steps): {
-                "time_ratio": round(seconds[f"mtt[syn_steps={steps}, checkpoint]"] / seconds[f"mtt[syn_steps={steps}, full]"], 3),
+                "time_ratio": round(seconds[f"mtt[syn_steps={steps}, checkpoint]"]
+                                    / seconds[f"mtt[syn_steps={steps}, full]"], 3),
                 "memory_ratio": round(memory[f"mtt[syn_steps={steps}, checkpoint]"]["added_peak_mib"]
                                       / max(memory[f"mtt[syn_steps={steps}, full]"]["added_peak_mib"], 0.1), 3),
             }

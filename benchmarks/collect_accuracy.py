@@ -41,7 +41,8 @@ def main() -> None:
     comparisons = {}
     for name, baseline in BASELINE.items():
         if name in results and baseline in results:
-            comparisons[name] = {"vs": baseline, "gain_points": round(results[name]["mean"] - results[baseline]["mean"], 2),
+            comparisons[name] = {"vs": baseline,
+                                 "gain_points": round(results[name]["mean"] - results[baseline]["mean"], 2),
                                  "above_baseline": results[name]["mean"] > results[baseline]["mean"]}
         base = BASE_METHOD.get(name, name.removesuffix("+cmi").removesuffix("+mim"))
         if name != base and name in results and base in results:

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     pools = {"optimised": (work / "pool", scale.proxy_count, 0), "held_out": (work / "pool-heldout",
                                                                                scale.held_out_count, HELD_OUT_SEED)}
-    for name, (directory, count, seed) in pools.items():
+    for directory, count, seed in pools.values():
         train_proxy_pool(real, directory, arch=scale.proxy_arch, count=count, epochs=scale.proxy_epochs, seed=seed,
                          device=device, progress=not args.quiet, train_per_class=scale.proxy_per_class,
                          precision=args.precision)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dataset_fixtures import FASHION_MNIST_FILES, write_idx
 
 
@@ -22,7 +23,8 @@ def striped_digits(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture
 def striped_root(tmp_path, monkeypatch) -> Path:
-    """A data root holding a learnable 'fashion-mnist' (30 train / 10 test images per class); set as INFODISTILL_DATA."""
+    """A data root holding a learnable 'fashion-mnist' (30 train / 10 test images per class); set as
+    INFODISTILL_DATA."""
     root = tmp_path / "data"
     train_images, train_labels = striped_digits(30, seed=1)
     test_images, test_labels = striped_digits(10, seed=2)

@@ -60,7 +60,9 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
     return path
 
 
-def write_mnist_like(raw_folder: Path, rng: np.random.Generator, compress: bool, n_train: int = 12, n_test: int = 7) -> WrittenSplits:
+def write_mnist_like(
+    raw_folder: Path, rng: np.random.Generator, compress: bool, n_train: int = 12, n_test: int = 7
+) -> WrittenSplits:
     """The four IDX files of MNIST / Fashion-MNIST in ``raw_folder`` (28x28, labels 0..9)."""
     train_images, train_labels = random_split(rng, n_train, 1, 28, 10)
     test_images, test_labels = random_split(rng, n_test, 1, 28, 10)
@@ -125,7 +127,8 @@ def write_cifar10(root: Path, rng: np.random.Generator, per_batch: int = 4, n_te
     test_images, test_labels = random_split(rng, n_test, 3, 32, 10)
     write_python2_pickle(
         folder / "test_batch",
-        {b"batch_label": b"testing batch 1 of 1", b"labels": [int(v) for v in test_labels], b"data": test_images.reshape(n_test, 3072)},
+        {b"batch_label": b"testing batch 1 of 1", b"labels": [int(v) for v in test_labels],
+         b"data": test_images.reshape(n_test, 3072)},
     )
     write_python2_pickle(
         folder / "batches.meta",
@@ -162,7 +165,9 @@ def write_cifar100(root: Path, rng: np.random.Generator, n_train: int = 9, n_tes
 # ---- SVHN ---------------------------------------------------------------------------------------
 
 
-def write_svhn(root: Path, rng: np.random.Generator, n_train: int = 8, n_test: int = 5) -> tuple[WrittenSplits, np.ndarray]:
+def write_svhn(
+    root: Path, rng: np.random.Generator, n_train: int = 8, n_test: int = 5
+) -> tuple[WrittenSplits, np.ndarray]:
     """``<root>/svhn/{train,test}_32x32.mat``; returns the splits (digit labels) and the raw train ``y`` (1..10)."""
     import scipy.io
 
@@ -189,7 +194,9 @@ def _decoded(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB")).transpose(2, 0, 1).copy()
 
 
-def write_tiny_imagenet(root: Path, rng: np.random.Generator, per_class: int = 2, grayscale_every: int = 7) -> WrittenSplits:
+def write_tiny_imagenet(
+    root: Path, rng: np.random.Generator, per_class: int = 2, grayscale_every: int = 7
+) -> WrittenSplits:
     """``<root>/tiny-imagenet-200`` with 200 wnids, ``per_class`` train JPEGs each, and a small val split.
 
     Every ``grayscale_every``-th image is a grayscale JPEG (as some real ones are). Expected pixels

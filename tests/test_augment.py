@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infodistill.augment import DSA, DSAConfig, DSAParams, FAMILIES
+from infodistill.augment import DSA, FAMILIES, DSAConfig, DSAParams
 from infodistill.errors import UserInputError
 
 GEOMETRIC = ("crop", "cutout", "flip", "scale", "rotate")

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import needs_real_fashion_mnist
 from safetensors.torch import save_file
 
+from conftest import needs_real_fashion_mnist
 from infodistill.artefact import load_set
 from infodistill.cli import main
 
@@ -48,7 +48,8 @@ def test_real_fashion_mnist_is_found_without_configuration(tmp_path, capsys, mon
     monkeypatch.setenv("INFODISTILL_DATA", str(tmp_path / "empty-root"))
     out = tmp_path / "real.safetensors"
     assert run(capsys, "baseline", "--dataset", "fashion-mnist", "--ipc", "2", "--out", str(out))[0] == 0
-    code, stdout, _ = run(capsys, "evaluate", str(out), "--model", "ConvNet-1-8", "--runs", "1", "--epochs", "1", "--json")
+    code, stdout, _ = run(capsys, "evaluate", str(out), "--model", "ConvNet-1-8", "--runs", "1", "--epochs", "1",
+                          "--json")
     assert code == 0 and json.loads(stdout)["test_size"] == 10000
 
 
@@ -70,7 +71,8 @@ def wrong_shape_set(path):
 @pytest.mark.parametrize(
     "make_argv, fragment",
     [
-        (lambda d, g: ["baseline", "--dataset", "imagenet-22k", "--ipc", "1", "--out", str(d / "o.safetensors")], "imagenet-22k"),
+        (lambda d, g: ["baseline", "--dataset", "imagenet-22k", "--ipc", "1", "--out", str(d / "o.safetensors")],
+         "imagenet-22k"),
         (lambda d, g: ["baseline", "--ipc", "0", "--out", str(d / "o.safetensors")], "--ipc"),
         (lambda d, g: ["baseline", "--ipc", "31", "--out", str(d / "o.safetensors")], "31"),
         (lambda d, g: ["evaluate", str(d / "absent.safetensors")], "does not exist"),
@@ -99,8 +101,10 @@ def test_truncated_and_foreign_artefacts(good_set, tmp_path, capsys):
         assert code == 2 and str(path) in stderr and len(stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv", [["evaluate", "X", "--augment", "mixup"], ["baseline", "--ipc", "x", "--out", "a.safetensors"],
-                                  ["baseline", "--ipc", "1", "--out", "a.pt"], ["frobnicate"], ["evaluate", "X", "--bogus"]])
+@pytest.mark.parametrize("argv", [["evaluate", "X", "--augment", "mixup"],
+                                  ["baseline", "--ipc", "x", "--out", "a.safetensors"],
+                                  ["baseline", "--ipc", "1", "--out", "a.pt"], ["frobnicate"],
+                                  ["evaluate", "X", "--bogus"]])
 def test_flag_errors_are_one_line_with_status_2(argv, capsys):
     with pytest.raises(SystemExit) as caught:
         main(argv)
@@ -135,8 +139,8 @@ def test_proxies_distill_with_cmi_resume_and_cmi_report(striped_root, tmp_path, 
                           "--out", str(pool), "--json")
     assert code == 0 and len(json.loads(stdout)["proxies"]) == 2
     out = tmp_path / "run"
-    code, stdout, _ = run(capsys, "distill", "--method", "dm", *DISTILL_FAST, "--iterations", "2", "--cmi-weight", "auto",
-                          "--proxies", str(pool), "--out", str(out), "--quiet", "--json")
+    code, stdout, _ = run(capsys, "distill", "--method", "dm", *DISTILL_FAST, "--iterations", "2",
+                          "--cmi-weight", "auto", "--proxies", str(pool), "--out", str(out), "--quiet", "--json")
     assert code == 0
     first = json.loads(stdout)
     assert first["regularizer_weights"]["cmi"] > 0 and first["config"]["cmi_weight"] == "auto"
@@ -212,7 +216,8 @@ def test_seed_method_bad_input_is_one_line_with_status_2_and_writes_nothing(stri
                                                                             fragment):
     plain = tmp_path / "plain"
     if "{plain}" in argv:
-        run(capsys, "proxies", "--arch", "ConvNetGAP-1-8", "--count", "1", "--epochs", "1", "--out", str(plain), "--json")
+        run(capsys, "proxies", "--arch", "ConvNetGAP-1-8", "--count", "1", "--epochs", "1", "--out", str(plain),
+            "--json")
     argv = [str(plain) if value == "{plain}" else value for value in argv]
     code, _, stderr = run(capsys, "distill", *argv, "--ipc", "2", "--iterations", "1", "--quiet",
                           "--out", str(tmp_path / "run"))

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import yaml
-from test_report import write_evaluation, write_run
 
 from infodistill.arms import arm_rows, group_arms, paired_rows
 from infodistill.comparison import arm_interval, paired_difference, t_interval
 from infodistill.errors import UserInputError
 from infodistill.report import load_runs, write_report
+from test_report import write_evaluation, write_run
 
 # Two-sided 95 % quantiles of Student's t (any t table, e.g. NIST/SEMATECH e-Handbook of Statistical Methods,
 # section 1.3.6.7.2, upper 0.025 critical values): 1 df 12.706, 2 df 4.303, 3 df 3.182, 4 df 2.776.

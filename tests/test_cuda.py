@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from infodistill.augment import DSA, DSAConfig, FAMILIES
+from infodistill.augment import DSA, FAMILIES, DSAConfig
 from infodistill.data import ClassSampler, RealData
 from infodistill.evaluate import EvalConfig, run_seeds, train_from_scratch
 from infodistill.methods import DistillContext, DistributionMatching, MethodSetup, TrajectoryMatching

@@ -466,7 +466,8 @@ def test_sampler_on_loaded_data_returns_that_class(tmp_path, rng):
     sampler = ClassSampler(images, labels, data.info.num_classes)
     c = int(np.bincount(written.train_labels).argmax())
     batch = sampler.sample(c, 2, torch.Generator().manual_seed(0))
-    expected = {data.normalise(torch.from_numpy(img)).numpy().tobytes() for img in written.train_images[written.train_labels == c]}
+    expected = {data.normalise(torch.from_numpy(img)).numpy().tobytes()
+                for img in written.train_images[written.train_labels == c]}
     assert all(image.numpy().tobytes() in expected for image in batch)
 
 
@@ -474,7 +475,8 @@ def test_training_subset_is_class_balanced_and_drawn_from_the_training_split(str
     real = load_dataset("fashion-mnist")
     subset = real.training_subset(4, seed=3)
     assert torch.bincount(subset.train_labels).tolist() == [4] * 10
-    originals = {(bytes(image.numpy().tobytes()), int(label)) for image, label in zip(real.train_images, real.train_labels)}
+    originals = {(bytes(image.numpy().tobytes()), int(label))
+                 for image, label in zip(real.train_images, real.train_labels)}
     assert all((bytes(image.numpy().tobytes()), int(label)) in originals
                for image, label in zip(subset.train_images, subset.train_labels))
     assert len({bytes(image.numpy().tobytes()) for image in subset.train_images}) == 40

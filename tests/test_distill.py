@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from conftest import initial_pixel_images, run_killed_after_iteration
 from safetensors import safe_open
 
+from conftest import initial_pixel_images, run_killed_after_iteration
 from infodistill.artefact import load_set
 from infodistill.data import ClassSampler, DatasetInfo
 from infodistill.distill import (
@@ -19,8 +19,8 @@ from infodistill.distill import (
 from infodistill.errors import UserInputError
 from infodistill.methods import METHOD_REGISTRY, DistillContext, Method, register_method
 from infodistill.methods.dm import DistributionMatching
-from infodistill.pools import ProxyPool, train_proxy_pool
 from infodistill.models import build_model
+from infodistill.pools import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer, cmi_from_features
 from infodistill.synthetic import PixelSet
 

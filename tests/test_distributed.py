@@ -228,7 +228,8 @@ def test_evaluate_refuses_more_processes_than_jobs(striped_root, tmp_path, capsy
 
 def test_nproc_is_removed_from_the_command_the_processes_rerun():
     assert without_nproc(["distill", "--nproc", "2", "--ipc", "3"]) == ["distill", "--ipc", "3"]
-    assert without_nproc(["evaluate", "s.safetensors", "--nproc=4", "--json"]) == ["evaluate", "s.safetensors", "--json"]
+    assert (without_nproc(["evaluate", "s.safetensors", "--nproc=4", "--json"])
+            == ["evaluate", "s.safetensors", "--json"])
     assert without_nproc(["distill", "--npr", "2"]) == ["distill"]  # an abbreviation argparse accepts
 
 

@@ -71,8 +71,11 @@ def test_batched_runs_train_the_same_networks_as_sequential_runs(model_name, sof
     targets = torch.softmax(torch.randn(40, 10, generator=generator), 1) if soft else labels
     config = EvalConfig(model=model_name, epochs=3, batch_size=16, augment="dsa", runs=3)
     seeds = run_seeds(7, 3)
-    sequential, together_a = train_from_scratch(images, targets, 10, EvalConfig(**{**config.__dict__, "batched": "off"}), seeds, progress=False)
-    batched, together_b = train_from_scratch(images, targets, 10, EvalConfig(**{**config.__dict__, "batched": "on"}), seeds, progress=False)
+    sequential, together_a = train_from_scratch(images, targets, 10,
+                                                EvalConfig(**{**config.__dict__, "batched": "off"}), seeds,
+                                                progress=False)
+    batched, together_b = train_from_scratch(images, targets, 10, EvalConfig(**{**config.__dict__, "batched": "on"}),
+                                             seeds, progress=False)
     assert (together_a, together_b) == (False, True)
     for one, other in zip(sequential, batched):
         for (name, a), (_, b) in zip(one.state_dict().items(), other.state_dict().items()):
@@ -182,8 +185,8 @@ def test_two_full_batch_epochs_of_the_kd_recipe_follow_adamw_and_the_cosine_sche
     generator = torch.Generator().manual_seed(5)
     images = torch.randn(6, 1, 28, 28, generator=generator)
     soft = torch.softmax(torch.randn(6, 3, generator=generator), dim=1)
-    config = EvalConfig(model="ConvNet-1-8-none", epochs=2, lr=0.01, weight_decay=0.1, batch_size=6, augment="none", runs=1,
-                        optimizer="adamw", lr_schedule="cosine", temperature=4.0)
+    config = EvalConfig(model="ConvNet-1-8-none", epochs=2, lr=0.01, weight_decay=0.1, batch_size=6, augment="none",
+                        runs=1, optimizer="adamw", lr_schedule="cosine", temperature=4.0)
     seed = run_seeds(0, 1)[0]  # no norm layer: instance norm would make the conv bias's gradient round-off noise
     (trained,), _ = train_from_scratch(images, soft, 3, config, [seed], progress=False)
 

@@ -200,7 +200,8 @@ def test_experts_command_writes_files_and_refuses_bad_values(striped_root, tmp_p
     assert main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [expert["index"] for expert in report["experts"]] == [0, 1]
-    assert ExpertTrajectories.load(out, load_dataset("fashion-mnist").info, model=MODEL).trajectories.shape[:2] == (2, 2)
+    loaded = ExpertTrajectories.load(out, load_dataset("fashion-mnist").info, model=MODEL)
+    assert loaded.trajectories.shape[:2] == (2, 2)
     assert main([*argv, "--count", "1"]) == 0
     assert "expert-0001.safetensors: test accuracy" in capsys.readouterr().out
 

@@ -168,7 +168,7 @@ def test_a_split_run_stops_on_every_process_at_the_iteration_one_of_them_diverge
 
 # --- 2. Readers refuse non-finite or out-of-range data in one line (exit 2) naming the file and the field -----
 
-def _tampered_set(real, run_dir, change) -> "os.PathLike":
+def _tampered_set(real, run_dir, change) -> os.PathLike:
     """A valid random-subset artefact (1 image per class, with an lr and soft labels) in ``run_dir``, rewritten
     with ``change(tensors, metadata)`` applied; written with safetensors directly, as a hostile user could."""
     import dataclasses

@@ -151,7 +151,8 @@ def test_build_synthetic_passes_factor_and_upsample_and_pixels_ignore_them():
     assert "multi" in PARAMETERISATION_REGISTRY
     assert isinstance(multi, MultiFormationSet) and (multi.factor, multi.upsample) == (4, "nearest")
     assert multi.images_per_class == 16
-    pixels = build_synthetic("pixels", sampler, 1, "real", torch.Generator().manual_seed(0), factor=4, upsample="nearest")
+    pixels = build_synthetic("pixels", sampler, 1, "real", torch.Generator().manual_seed(0), factor=4,
+                             upsample="nearest")
     assert isinstance(pixels, PixelSet)
 
 

@@ -160,7 +160,8 @@ def test_info_nce_is_stable_at_a_tiny_temperature_and_refuses_anchors_without_po
     value = info_nce(syn, syn_labels, real, real_labels, 1e-4)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(syn.grad).all()
-    assert value.item() == pytest.approx(reference_info_nce(syn.detach(), syn_labels, real, real_labels, 1e-4), rel=1e-9)
+    reference = reference_info_nce(syn.detach(), syn_labels, real, real_labels, 1e-4)
+    assert value.item() == pytest.approx(reference, rel=1e-9)
     with pytest.raises(UserInputError, match=r"synthetic classes \[2\] have no real sample"):
         info_nce(syn.detach(), syn_labels, real[real_labels != 2], real_labels[real_labels != 2], 0.1)
     with pytest.raises(UserInputError, match="temperature=0"):
@@ -305,7 +306,7 @@ def test_optimising_images_and_heads_lowers_the_loss():
     images.requires_grad_(True)
     optimiser = torch.optim.Adam([images, *regularizer.parameters()], lr=0.05)
     start = regularizer.loss(images, labels, torch.Generator().manual_seed(0)).item()
-    for step in range(15):
+    for _ in range(15):
         optimiser.zero_grad()
         regularizer.loss(images, labels, torch.Generator().manual_seed(0)).backward()
         optimiser.step()
@@ -333,8 +334,10 @@ def test_heads_are_drawn_from_init_generator_only():
 
 def test_state_dict_round_trip_copies_in_place():
     sampler = make_sampler()
-    source = MIMRegularizer(sampler, Factory(), projection_dim=3, layers=2, init_generator=torch.Generator().manual_seed(1))
-    target = MIMRegularizer(sampler, Factory(), projection_dim=3, layers=2, init_generator=torch.Generator().manual_seed(2))
+    source = MIMRegularizer(sampler, Factory(), projection_dim=3, layers=2,
+                            init_generator=torch.Generator().manual_seed(1))
+    target = MIMRegularizer(sampler, Factory(), projection_dim=3, layers=2,
+                            init_generator=torch.Generator().manual_seed(2))
     tensors = target.parameters()
     target.load_state_dict(source.state_dict())
     assert all(a is b for a, b in zip(tensors, target.parameters()))

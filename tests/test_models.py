@@ -236,7 +236,8 @@ def test_valid_names_parse(name: str, expected: ModelSpec) -> None:
 
 @pytest.mark.parametrize(
     ("name", "canonical"),
-    [("convnet-4", "ConvNet-4-128-in"), ("alexnet", "AlexNet-none"), ("vgg11-BN", "VGG11-bn"), ("ResNet18", "ResNet18-in")],
+    [("convnet-4", "ConvNet-4-128-in"), ("alexnet", "AlexNet-none"), ("vgg11-BN", "VGG11-bn"),
+     ("ResNet18", "ResNet18-in")],
 )
 def test_canonical_names(name: str, canonical: str) -> None:
     assert parse_model_name(name).canonical_name == canonical

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import initial_pixel_images
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import infodistill.distill as distill_module
 import infodistill.methods.dm as dm_module
+from conftest import initial_pixel_images
 from infodistill.artefact import load_set, save_set
 from infodistill.augment import DSA, DSAConfig
 from infodistill.cli import _distill_overrides, build_parser, main
@@ -81,7 +81,8 @@ def test_bf16_distillation_is_close_to_fp32_and_writes_a_float32_artefact(real, 
     assert "precision" not in sets["fp32"].metadata.extra
     # bf16 keeps 8 significant bits (relative rounding up to 2^-8 ~ 0.4 %), and DM subtracts two nearly equal
     # class means (the set starts as real images), which amplifies that rounding in the gradient: measured, the
-    # bf16 set differs from the fp32 one by 5.3 % of how far the fp32 set moved after two iterations. 15 % allows for other CPUs' bf16 kernels. For scale, in fp32: an image learning rate 1.2x too
+    # bf16 set differs from the fp32 one by 5.3 % of how far the fp32 set moved after two iterations. 15 % allows
+    # for other CPUs' bf16 kernels. For scale, in fp32: an image learning rate 1.2x too
     # large moves the set 30 % away, dropping the CMI term 13 % (which terms run in bf16 is checked by the hook
     # test below); an exact match would mean bf16 was not used.
     moved = (sets["fp32"].images - initial_pixel_images(config, real)).norm()

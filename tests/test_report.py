@@ -38,7 +38,9 @@ def write_set(directory: Path, method: str, dataset: str = "fashion-mnist", regu
     save_set(distilled, directory / "set.safetensors", grid=False)
 
 
-def write_evaluation(directory: Path, accuracies: list[float], mean: float, std: float, model: str = "ConvNet-3") -> None:
+def write_evaluation(
+    directory: Path, accuracies: list[float], mean: float, std: float, model: str = "ConvNet-3"
+) -> None:
     result = {"model": model, "dataset": "fashion-mnist", "accuracies": accuracies, "mean": mean, "std": std,
               "runs": len(accuracies), "epochs": 300, "labels": "hard"}
     (directory / "evaluation.json").write_text(json.dumps({"set": str(directory / "set.safetensors"),

@@ -392,7 +392,6 @@ def test_sre2l_runs_through_the_loop_and_writes_soft_labels(real, teacher_dir, t
 def test_a_resumed_dwa_run_with_cmi_is_bit_identical_to_an_uninterrupted_one(real, teacher_dir, tmp_path,
                                                                                 monkeypatch):
     from conftest import initial_pixel_images, run_killed_after_iteration
-
     from infodistill.artefact import load_set
     from infodistill.distill import DistillConfig, distill
 
@@ -406,5 +405,6 @@ def test_a_resumed_dwa_run_with_cmi_is_bit_identical_to_an_uninterrupted_one(rea
     a, b = load_set(whole.artefact), load_set(resumed.artefact)
     assert torch.equal(a.images, b.images) and torch.equal(a.soft_labels, b.soft_labels) and a.metadata == b.metadata
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
-    assert '"loss/cmi"' in (tmp_path / "whole" / "metrics.jsonl").read_text() and a.metadata.regularizers == {"cmi": 0.5}
+    assert '"loss/cmi"' in (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert a.metadata.regularizers == {"cmi": 0.5}
     assert whole.config.init == "real" and not torch.equal(a.images, initial_pixel_images(config, real))

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from conftest import run_killed_after_iteration
 
 import infodistill.sweep as sweep_module
+from conftest import run_killed_after_iteration
 from infodistill.artefact import load_set
 from infodistill.cli import main
 from infodistill.distill import DistillConfig, LossDiverged, distill
@@ -68,7 +68,8 @@ def test_a_restart_skips_finished_cells_and_evaluates_an_unscored_one(striped_ro
 
 def test_a_cell_cut_off_mid_distillation_resumes_from_its_checkpoint(striped_root, real, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    spec = parse_sweep({"distill": {**TINY, "iterations": 4}, "grid": {"seed": [0]}, "evaluate": EVAL, "baseline": False})
+    spec = parse_sweep({"distill": {**TINY, "iterations": 4}, "grid": {"seed": [0]}, "evaluate": EVAL,
+                        "baseline": False})
     run_killed_after_iteration(1, spec.cells()[0].config, out / "cells" / "seed-0", real, monkeypatch)
     assert (out / "cells" / "seed-0" / "checkpoint.safetensors").exists()
     assert not (out / "cells" / "seed-0" / "set.safetensors").exists()

@@ -26,8 +26,8 @@ def experts_dir(real, tmp_path):
 
 
 def _config(method, experts_dir, **overrides):
-    settings = dict(method=method, ipc=2, iterations=3, model=MODEL, experts=experts_dir and str(experts_dir), syn_steps=2,
-                    expert_epochs=2, max_start_epoch=2, lr_images=100.0, checkpoint_every=2)
+    settings = dict(method=method, ipc=2, iterations=3, model=MODEL, experts=experts_dir and str(experts_dir),
+                    syn_steps=2, expert_epochs=2, max_start_epoch=2, lr_images=100.0, checkpoint_every=2)
     return DistillConfig(**{**settings, **overrides})
 
 
@@ -121,7 +121,8 @@ def test_cli_refuses_bad_trajectory_input_with_exit_2(striped_root, experts_dir,
     assert cli_main(base + ["--experts", str(experts_dir), "--max-start-epoch", "9", "--out", str(tmp_path / "y")]) == 2
     assert cli_main(base + ["--out", str(tmp_path / "z")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and "lr_labels" in errors[0] and "max_start_epoch 9" in errors[1] and "--experts" in errors[2]
+    assert len(errors) == 3
+    assert "lr_labels" in errors[0] and "max_start_epoch 9" in errors[1] and "--experts" in errors[2]
     assert not any((tmp_path / name).exists() for name in "xyz")
 
 

@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,7 +27,6 @@ from torchvision.utils import make_grid, save_image
 from infodistill import __version__
 from infodistill.errors import UserInputError
 from infodistill.files import atomic_path
-
 
 STORED_PREFIX = "stored."
 
@@ -57,9 +57,9 @@ class SetMetadata:
         return strings
 
     @classmethod
-    def from_strings(cls, strings: dict[str, str], source: str) -> "SetMetadata":
+    def from_strings(cls, strings: dict[str, str], source: str) -> SetMetadata:
         """Parse the header written by :meth:`to_strings`; refuse a header that lacks a field."""
-        values = {}
+        values: dict[str, Any] = {}
         for item in dataclasses.fields(cls):
             if item.name not in strings:
                 if item.default is not dataclasses.MISSING or item.default_factory is not dataclasses.MISSING:
@@ -125,7 +125,8 @@ class DistilledSet:
             )
         if self.soft_labels is not None and tuple(self.soft_labels.shape) != (len(images), self.num_classes):
             raise UserInputError(
-                f"{source}: 'soft_labels' must be {len(images)} x {self.num_classes}, got {list(self.soft_labels.shape)}"
+                f"{source}: 'soft_labels' must be {len(images)} x {self.num_classes}, "
+                f"got {list(self.soft_labels.shape)}"
             )
         if self.lr is not None and self.lr.numel() != 1:
             raise UserInputError(f"{source}: 'lr' must hold one value, got {self.lr.numel()}")

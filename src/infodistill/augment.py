@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,7 @@ class DSAParams:
 
     def to(self, device: torch.device | str) -> DSAParams:
         """The same parameters with every tensor on ``device``."""
-        moved = {name: tensor.to(device) for name, tensor in self._tensors().items()}
+        moved: dict[str, Any] = {name: tensor.to(device) for name, tensor in self._tensors().items()}
         return dataclasses.replace(self, **moved)
 
 
@@ -254,9 +255,15 @@ def _sample_rotate(config: DSAConfig, n: int, size: tuple[int, int], generator: 
 # of batch 1 broadcast over the batch of ``x``.
 
 
-def _per_sample(values: Tensor, x: Tensor) -> Tensor:
+def _drawn(values: Tensor | None) -> Tensor:
+    """A parameter field of a family being applied: ``DSAParams.__post_init__`` has checked it is set."""
+    assert values is not None
+    return values
+
+
+def _per_sample(values: Tensor | None, x: Tensor) -> Tensor:
     """``(N,)`` values as ``(N, 1, 1, 1)`` in the dtype and device of ``x``, for broadcasting."""
-    return values.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return _drawn(values).to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
 
 
 def _apply_color(x: Tensor, params: DSAParams) -> Tensor:
@@ -269,7 +276,7 @@ def _apply_color(x: Tensor, params: DSAParams) -> Tensor:
 
 def _apply_crop(x: Tensor, params: DSAParams) -> Tensor:
     batch, channels, height, width = x.shape
-    shift = params.crop_shift.to(x.device)
+    shift = _drawn(params.crop_shift).to(x.device)
     # Pad one zero row/column on each side; every source index outside the image is clamped onto
     # that border, so a single gather performs the shift with zero fill.
     padded = F.pad(x, (1, 1, 1, 1)).flatten(2)
@@ -282,7 +289,7 @@ def _apply_crop(x: Tensor, params: DSAParams) -> Tensor:
 
 def _apply_cutout(x: Tensor, params: DSAParams) -> Tensor:
     height, width = x.shape[-2:]
-    box = params.cutout_box.to(x.device)
+    box = _drawn(params.cutout_box).to(x.device)
     rows = torch.arange(height, device=x.device)
     cols = torch.arange(width, device=x.device)
     in_rows = (rows >= box[:, 0:1]) & (rows < box[:, 2:3])  # (N, H)
@@ -292,12 +299,12 @@ def _apply_cutout(x: Tensor, params: DSAParams) -> Tensor:
 
 
 def _apply_flip(x: Tensor, params: DSAParams) -> Tensor:
-    flagged = params.flip_mask.to(x.device).view(-1, 1, 1, 1)
+    flagged = _drawn(params.flip_mask).to(x.device).view(-1, 1, 1, 1)
     return torch.where(flagged, x.flip(-1), x)
 
 
 def _scale_theta(params: DSAParams, dtype: torch.dtype, device: torch.device) -> Tensor:
-    factors = params.scale_factors.to(device=device, dtype=dtype)
+    factors = _drawn(params.scale_factors).to(device=device, dtype=dtype)
     theta = torch.zeros(factors.shape[0], 2, 3, dtype=dtype, device=device)
     theta[:, 0, 0] = factors[:, 0]
     theta[:, 1, 1] = factors[:, 1]
@@ -305,7 +312,7 @@ def _scale_theta(params: DSAParams, dtype: torch.dtype, device: torch.device) ->
 
 
 def _rotate_theta(params: DSAParams, dtype: torch.dtype, device: torch.device) -> Tensor:
-    angle = params.rotate_angle.to(device=device, dtype=dtype)
+    angle = _drawn(params.rotate_angle).to(device=device, dtype=dtype)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(angle.shape[0], 2, 3, dtype=dtype, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin

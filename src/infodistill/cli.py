@@ -13,12 +13,13 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from infodistill import __version__
 from infodistill.artefact import grid_path_for, load_set, save_set
 from infodistill.config import build_config, check_seed, load_yaml_mapping
+from infodistill.continual import command_continual, configure_continual_parser
 from infodistill.data import DATASET_NAMES, dataset_info, load_dataset
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
@@ -26,13 +27,13 @@ from infodistill.evaluate import (
     BATCHED_CHOICES,
     RECIPES,
     EvalConfig,
+    check_evaluation_processes,
     check_model_names,
     check_set_fits,
     evaluate_models,
     evaluate_set,
-    evaluation_payload,
-    check_evaluation_processes,
     evaluate_spread,
+    evaluation_payload,
     format_results_table,
     random_subset,
     resolve_device,
@@ -55,7 +56,6 @@ from infodistill.parallel import (
     shutdown,
 )
 from infodistill.precision import PRECISIONS
-from infodistill.continual import command_continual, configure_continual_parser
 from infodistill.report import command_report, configure_report_parser
 from infodistill.sweep import command_sweep, configure_sweep_parser
 from infodistill.theory import command_theory, configure_theory_parser
@@ -212,14 +212,15 @@ def command_evaluate(args: argparse.Namespace) -> int:
 def _distill_overrides(args: argparse.Namespace) -> dict:
     """The distillation settings given as flags (None where a flag was not given)."""
     names = ("dataset", "method", "ipc", "iterations", "param", "init", "model", "lr_images", "momentum_images",
-             "batch_real", "outer_loop", "inner_loop", "lr_net", "cmi_weight", "cmi_auto_scale", "proxies", "held_out_proxies",
-             "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root", "checkpoint_every", "eval_every", "monitor_every",
+             "batch_real", "outer_loop", "inner_loop", "lr_net", "cmi_weight", "cmi_auto_scale", "proxies",
+             "held_out_proxies", "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root",
+             "checkpoint_every", "eval_every", "monitor_every",
              "eval_model", "eval_epochs", "eval_runs", "factor", "upsample", "net_steps", "batch_net", "match_metric",
              "experts", "zca", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
              "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "ema_decay", "rank", "optimizer",
-             "lr_schedule", "teacher", "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight", "jitter",
-             "dwa_rho", "dwa_steps", "mim_weight", "mim_temperature", "mim_layers", "mim_real_per_class", "mim_lr",
-             "precision", "trajectories")
+             "lr_schedule", "teacher", "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight",
+             "jitter", "dwa_rho", "dwa_steps", "mim_weight", "mim_temperature", "mim_layers", "mim_real_per_class",
+             "mim_lr", "precision", "trajectories")
     values = {name: getattr(args, name) for name in names}
     values["augment"] = args.augment
     return values
@@ -426,10 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the set is scored with each in turn (cross-architecture evaluation) and a table "
                                     "is printed")
     evaluate.add_argument("--runs", type=int, metavar="N", help=f"runs with different seeds (default: {defaults.runs})")
-    evaluate.add_argument("--epochs", type=int, metavar="E", help=f"training epochs per run (default: {defaults.epochs})")
+    evaluate.add_argument("--epochs", type=int, metavar="E",
+                          help=f"training epochs per run (default: {defaults.epochs})")
     evaluate.add_argument("--lr", type=float, help=f"learning rate (default: {defaults.lr}, or the set's learned lr)")
-    evaluate.add_argument("--batch-size", type=int, metavar="N", help=f"training batch size (default: {defaults.batch_size})")
-    evaluate.add_argument("--augment", choices=AUGMENTATIONS, help=f"training augmentation (default: {defaults.augment})")
+    evaluate.add_argument("--batch-size", type=int, metavar="N",
+                          help=f"training batch size (default: {defaults.batch_size})")
+    evaluate.add_argument("--augment", choices=AUGMENTATIONS,
+                          help=f"training augmentation (default: {defaults.augment})")
     evaluate.add_argument("--batched", choices=BATCHED_CHOICES,
                           help="train the runs together as one vectorised model (default: auto = on GPU only)")
     evaluate.add_argument("--hard-labels", action="store_true", help="ignore the set's soft labels")
@@ -454,14 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=command_evaluate)
 
     distill = commands.add_parser("distill", help="distil a dataset with a method and optional CMI regularizer",
-                                  description=command_distill.__doc__ + " Unset values take the method's published "
-                                  "defaults; a --config YAML file may set any of them (flags win).")
+                                  description=(command_distill.__doc__ or "") + " Unset values take the method's "
+                                  "published defaults; a --config YAML file may set any of them (flags win).")
     distill.add_argument("--dataset", metavar="NAME", help="dataset name (default: fashion-mnist)")
-    distill.add_argument("--data-root", metavar="DIR", help="data root (default: $INFODISTILL_DATA or ~/.cache/infodistill/data)")
+    distill.add_argument("--data-root", metavar="DIR",
+                         help="data root (default: $INFODISTILL_DATA or ~/.cache/infodistill/data)")
     distill.add_argument("--method", metavar="NAME",
                          help="distillation method: dm, dc, dsa, mtt, datm, idc, sre2l, dwa (default: dm)")
     distill.add_argument("--ipc", type=int, metavar="N", help="synthetic images per class (default: 10)")
-    distill.add_argument("--iterations", type=int, metavar="N", help="iterations (default: the method's, DM 20000, DC/DSA 1000)")
+    distill.add_argument("--iterations", type=int, metavar="N",
+                         help="iterations (default: the method's, DM 20000, DC/DSA 1000)")
     distill.add_argument("--param", metavar="NAME",
                          help="parameterisation: pixels, lowrank, multi (default: the method's; idc: multi)")
     distill.add_argument("--rank", type=int, metavar="R",
@@ -484,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--inner-loop", type=int, metavar="N", help="gradient matching inner loop (default: by ipc)")
     distill.add_argument("--lr-net", type=float, help="gradient matching network learning rate (default: 0.01)")
     idc = distill.add_argument_group("IDC")
-    idc.add_argument("--net-steps", type=int, metavar="N", help="real-data training steps of the network per outer step")
+    idc.add_argument("--net-steps", type=int, metavar="N",
+                     help="real-data training steps of the network per outer step")
     idc.add_argument("--batch-net", type=int, metavar="N", help="real images per network training step")
     idc.add_argument("--match-metric", metavar="NAME", help="gradient distance (default: IDC's)")
     trajectory = distill.add_argument_group("MTT / DATM")
@@ -494,12 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
     trajectory.add_argument("--syn-steps", type=int, metavar="N", help="student steps per iteration (default: by ipc)")
     trajectory.add_argument("--expert-epochs", type=int, metavar="M", help="expert epochs to match (default: 2)")
     trajectory.add_argument("--min-start-epoch", type=int, metavar="E", help="earliest start epoch (default: 0)")
-    trajectory.add_argument("--max-start-epoch", type=int, metavar="E", help="start epochs are below this (default: by ipc)")
+    trajectory.add_argument("--max-start-epoch", type=int, metavar="E",
+                            help="start epochs are below this (default: by ipc)")
     trajectory.add_argument("--window-start-max", type=int, metavar="E",
                             help="DATM: the window's upper bound at the start, growing to --max-start-epoch")
     trajectory.add_argument("--window-growth-iterations", type=int, metavar="N",
                             help="DATM: iterations over which the window grows (default: 3000)")
-    trajectory.add_argument("--batch-syn", type=int, metavar="N", help="synthetic images per student step (default: all)")
+    trajectory.add_argument("--batch-syn", type=int, metavar="N",
+                            help="synthetic images per student step (default: all)")
     trajectory.add_argument("--lr-lr", type=float, help="learning rate of the learned step size (default: by ipc)")
     trajectory.add_argument("--trajectories", type=int, metavar="T",
                             help="student trajectories averaged per iteration (default: 1, as published); with "
@@ -511,11 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
                             help="store an exponential moving average of the images (default: DATM 0.999, else off)")
     recover = distill.add_argument_group("SRe2L / DWA")
     recover.add_argument("--teacher", metavar="DIR",
-                         help="teacher with batch norm: a proxy directory, e.g. `infodistill proxies --arch ConvNet-3-bn`")
+                         help="teacher with batch norm: a proxy directory, "
+                              "e.g. `infodistill proxies --arch ConvNet-3-bn`")
     recover.add_argument("--relabel-temperature", type=float, metavar="T", help="temperature of the soft labels")
     recover.add_argument("--bn-weight", type=float, metavar="W", help="weight of the BN-statistics term")
     recover.add_argument("--first-bn-weight", type=float, metavar="W", help="multiplier of the first BN layer's term")
-    recover.add_argument("--variance-weight", type=float, metavar="W", help="weight of the variance part of the BN term")
+    recover.add_argument("--variance-weight", type=float, metavar="W",
+                         help="weight of the variance part of the BN term")
     recover.add_argument("--jitter", type=int, metavar="PIXELS", help="random shift of the images per iteration")
     recover.add_argument("--dwa-rho", type=float, metavar="RHO", help="DWA: size of the weight perturbation")
     recover.add_argument("--dwa-steps", type=int, metavar="K", help="DWA: ascent steps of the perturbation")
@@ -536,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--held-out-proxies", metavar="DIR",
                          help="a second pool, disjoint from --proxies, under which the set's CMI is also logged "
                               "(monitor/cmi_heldout): the CMI of networks the term never saw")
-    distill.add_argument("--cmi-every", type=int, metavar="K", help="compute the CMI term every K iterations (default: 1)")
+    distill.add_argument("--cmi-every", type=int, metavar="K",
+                         help="compute the CMI term every K iterations (default: 1)")
     distill.add_argument("--cmi-proxies-per-step", type=int, metavar="K",
                          help="average CMI over K random proxies per step (default: 1, the paper's rule)")
     distill.add_argument("--seed", type=int, help="seed of the run (default: 0)")
@@ -545,8 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="arithmetic of the networks' forward passes: bf16 runs them under autocast, the images "
                               "and the optimiser stay float32; auto is bf16 for DM on CPUs with native bf16, else "
                               "fp32; fixed for a run (docs/precision.md) (default: auto)")
-    distill.add_argument("--checkpoint-every", type=int, metavar="N", help="iterations between checkpoints (default: 100)")
-    distill.add_argument("--eval-every", type=int, metavar="N", help="evaluate the set every N iterations (default: 0, off)")
+    distill.add_argument("--checkpoint-every", type=int, metavar="N",
+                         help="iterations between checkpoints (default: 100)")
+    distill.add_argument("--eval-every", type=int, metavar="N",
+                         help="evaluate the set every N iterations (default: 0, off)")
     distill.add_argument("--monitor-every", type=int, metavar="N",
                          help="with --proxies: log the set's CMI under the pool every N iterations, also without the "
                               "CMI term (pass --cmi-weight 0 to only monitor) (default: 10; 0: off)")
@@ -563,8 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.set_defaults(handler=command_distill)
 
     proxies = commands.add_parser("proxies", help="train a pool of proxy networks for the CMI regularizer",
-                                  description=command_proxies.__doc__ + " Recipe of the CMI paper: SGD lr 0.01, "
-                                  "momentum 0.9, weight decay 1e-3, batch 256, no augmentation.")
+                                  description=(command_proxies.__doc__ or "") + " Recipe of the CMI paper: SGD lr "
+                                  "0.01, momentum 0.9, weight decay 1e-3, batch 256, no augmentation.")
     _add_data_flags(proxies, DEFAULT_DATASET)
     proxies.add_argument("--arch", default="ResNet18", metavar="NAME", help="proxy architecture (default: ResNet18)")
     proxies.add_argument("--count", type=int, default=8, metavar="K", help="number of proxies (default: 8)")
@@ -584,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxies.set_defaults(handler=command_proxies)
 
     experts = commands.add_parser("experts", help="train expert trajectories for trajectory matching (mtt, datm)",
-                                  description=command_experts.__doc__ + " Recipe of MTT: SGD without momentum or "
-                                  "weight decay at a constant learning rate, DSA augmentation, optionally on "
+                                  description=(command_experts.__doc__ or "") + " Recipe of MTT: SGD without momentum "
+                                  "or weight decay at a constant learning rate, DSA augmentation, optionally on "
                                   "ZCA-whitened data; the model must not use batch norm.")
     _add_data_flags(experts, DEFAULT_DATASET)
     experts.add_argument("--model", default="ConvNet-3", metavar="NAME",

@@ -62,7 +62,9 @@ class Interval:
         value = f"{self.mean:+.2f}" if signed else f"{self.mean:.2f}"
         if not math.isfinite(self.low):
             return f"{value} [n/a: 1 {self.unit}]"
-        return f"{value} [{self.low:+.2f}, {self.high:+.2f}]" if signed else f"{value} [{self.low:.2f}, {self.high:.2f}]"
+        if signed:
+            return f"{value} [{self.low:+.2f}, {self.high:+.2f}]"
+        return f"{value} [{self.low:.2f}, {self.high:.2f}]"
 
     def to_dict(self) -> dict[str, float | int | str | None]:
         finite = math.isfinite(self.low)

@@ -154,10 +154,11 @@ class ContinualConfig:
     def distill_config(self, order: int, step: int, dataset: str | None = None,
                        proxies: str | None = None) -> DistillConfig:
         """The distillation settings of one step (``proxies``: the step's pool when CMI is used)."""
+        weight = self.cmi_weight if self.uses_cmi else None
         return DistillConfig(
             dataset=dataset or self.dataset, method=self.method, ipc=self.ipc, iterations=self.iterations,
             model=self.model, seed=derived_seed(self.seed, DISTILL_STREAM, order, step),
-            cmi_weight=(float(self.cmi_weight) if self.cmi_weight != "auto" else "auto") if self.uses_cmi else None,
+            cmi_weight=weight if weight is None or weight == "auto" else float(weight),
             proxies=(proxies or PROXIES_DIR) if self.uses_cmi else None, batch_real=self.batch_real,
             device=self.device, data_root=self.data_root)
 
@@ -211,7 +212,7 @@ def restrict_classes(real: RealData, classes: list[int]) -> RealData:
     train_images, train_labels = split(real.train_images, real.train_labels)
     test_images, test_labels = split(real.test_images, real.test_labels)
     step_info = DatasetInfo(name=f"{info.name}[{','.join(str(c) for c in classes)}]", channels=info.channels,
-                            image_size=tuple(info.image_size), num_classes=len(classes),
+                            image_size=(info.image_size[0], info.image_size[1]), num_classes=len(classes),
                             class_names=tuple(info.class_names[c] for c in classes), mean=tuple(info.mean),
                             std=tuple(info.std))
     return RealData(step_info, train_images, train_labels, test_images, test_labels)

@@ -25,9 +25,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,9 +232,13 @@ class DistillConfig:
             raise UserInputError(f"mim_weight {self.mim_weight:g} needs real data, but method '{self.method}' distils "
                                  "from its teacher alone; drop --mim-weight or choose a method that reads real data")
         if self.uses_cmi and self.proxies is None:
-            raise UserInputError("a CMI weight needs a proxy pool: pass --proxies DIR (build one with `infodistill proxies`)")
+            raise UserInputError(
+                "a CMI weight needs a proxy pool: pass --proxies DIR (build one with `infodistill proxies`)"
+            )
         if self.held_out_proxies is not None and self.proxies is None:
-            raise UserInputError("held_out_proxies monitors the set's CMI beside the pool of --proxies: pass --proxies DIR too")
+            raise UserInputError(
+                "held_out_proxies monitors the set's CMI beside the pool of --proxies: pass --proxies DIR too"
+            )
         self._check_method_options()
         resolve_device(self.device)
         check_precision(self.precision)
@@ -252,7 +257,7 @@ class DistillConfig:
     def uses_cmi(self) -> bool:
         return cmi_weight_active(self.cmi_weight)
 
-    def with_method_defaults(self) -> "DistillConfig":
+    def with_method_defaults(self) -> DistillConfig:
         """The same config with every unset field filled from the method's published settings."""
         defaults: MethodDefaults = method_class(self.method).defaults(self.ipc)
         filled = {name: getattr(defaults, name) for name in ("iterations", "lr_images", "momentum_images",
@@ -448,7 +453,7 @@ class ProcessSplit:
             parameter.copy_(self.gather(synthetic, parameter))
 
 
-REGULARIZER_CLASSES = {"cmi": CMIRegularizer, "mim": MIMRegularizer}
+REGULARIZER_CLASSES: dict[str, type[Regularizer]] = {"cmi": CMIRegularizer, "mim": MIMRegularizer}
 """The class of each regularizer a config can turn on (by term name)."""
 
 
@@ -469,6 +474,7 @@ def plan_split(config: DistillConfig, world_size: int, num_classes: int) -> tupl
     if kind == "classes":
         problems += [f"the {name.upper()} regularizer does not split over classes" for name in
                      _configured_regularizers(config) if not REGULARIZER_CLASSES[name].class_decomposable]
+        assert config.param is not None  # with_method_defaults() fills it
         parameterisation = getattr(PARAMETERISATION_REGISTRY.get(config.param), "__self__", None)
         if parameterisation is not None and not parameterisation.rows_by_class:
             problems.append(f"param '{config.param}' stores tensors shared between classes")
@@ -538,7 +544,7 @@ def cmi_target_ratio(method: str, ipc: int) -> float:
     return by_ipc[min(by_ipc, key=lambda measured: (abs(measured - ipc), measured))]
 
 
-def _gradient_norm(value: torch.Tensor, learned: list[torch.Tensor]) -> float:
+def _gradient_norm(value: torch.Tensor, learned: Sequence[torch.Tensor]) -> float:
     grads = torch.autograd.grad(value, learned, allow_unused=True)
     return math.sqrt(sum(float(grad.double().pow(2).sum()) for grad in grads if grad is not None))
 
@@ -556,7 +562,9 @@ def initial_gradients(method: Method, regularizer: CMIRegularizer, contexts: lis
     for context in contexts:
         steps = computed_in(precision, context.device, method.iteration(context))
         first = next(steps)
-        matching = to_fp32(first.loss if isinstance(first, ClassUpdate) else first)
+        loss = first.loss if isinstance(first, ClassUpdate) else first
+        assert loss is not None  # only a run split by class yields a ClassUpdate without a loss
+        matching = to_fp32(loss)
         label = first.label if isinstance(first, ClassUpdate) else None
         losses.append(float(matching.detach()))
         norms.append(_gradient_norm(matching, learned))
@@ -636,7 +644,7 @@ def _summed_over_processes(values: dict[str, torch.Tensor], group: ProcessGroup)
     return dict(zip(values, summed.tolist()))
 
 
-def computed_in(precision: str, device: torch.device | str, steps: Iterator[Any]) -> Iterator[Any]:
+def computed_in(precision: str, device: torch.device | str, steps: Iterator[Any]) -> Generator[Any, None, None]:
     """The items of ``steps`` (a method's iteration), each computed in ``precision``: the generator is
     advanced inside :func:`~infodistill.precision.autocast_context`, and left outside it between items
     (where the loop steps the optimiser)."""
@@ -861,8 +869,8 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
                     config: DistillConfig, average: ImageAverage | None = None,
                     processes: int = 1) -> tuple[int, dict[str, float], dict[str, float] | None]:
     """Restore a checkpoint into ``synthetic``, the optimiser's tensors and momentum, and the image
-    average; return (iteration, regularizer weights, the CMI weight's calibration or None). A checkpoint holds the whole set, so a run may
-    resume with another number of ``processes``, unless its method says otherwise
+    average; return (iteration, regularizer weights, the CMI weight's calibration or None). A checkpoint
+    holds the whole set, so a run may resume with another number of ``processes``, unless its method says otherwise
     (``Method.resumable_with_other_process_count``)."""
     path = files.checkpoint
     try:
@@ -877,7 +885,9 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         calibration = json.loads(metadata["cmi_calibration"]) if "cmi_calibration" in metadata else None
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserInputError(f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint") from None
+        raise UserInputError(
+            f"checkpoint '{path}' cannot be read ({reason}); it is corrupt or not a checkpoint"
+        ) from None
     current = dataclasses.asdict(config)
     current["precision"] = run_precision(config, resolve_device(config.device))
     stored = {**{key: value for key, value in SETTINGS_OF_OLDER_RUNS.items() if key in current}, **stored}
@@ -969,7 +979,9 @@ def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, floa
                        parameterisation=str(config.param), regularizers=weights, iterations=iterations, extra=extra)
 
 
-def _whole_stored(synthetic: SyntheticSet, average: ImageAverage | None, split: ProcessSplit) -> dict[str, torch.Tensor]:
+def _whole_stored(
+    synthetic: SyntheticSet, average: ImageAverage | None, split: ProcessSplit
+) -> dict[str, torch.Tensor]:
     """The set's (averaged) stored tensors gathered whole from the processes of a split run (a collective)."""
     source = average.shadow if average is not None else dict(synthetic.named_parameters())
     return {name: split.gather(synthetic, value) for name, value in source.items()}
@@ -1022,6 +1034,7 @@ def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler
     """Initialise the synthetic set, build and prepare the method, and the optimiser over both, from
     ``config`` with its method defaults filled (the loop and the benchmarks share this).
     ``image_positions``: this process's share in a run split by image (what the method prepares)."""
+    assert config.param is not None and config.init is not None and config.lr_images is not None  # defaults filled
     init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
     synthetic = build_synthetic(config.param, sampler, config.ipc, config.init, init_generator,
                                 factor=config.factor, upsample=config.upsample, rank=config.rank).to(device)
@@ -1035,6 +1048,7 @@ def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler
         betas = method_class(config.method).defaults(config.ipc).betas
         optimizer: torch.optim.Optimizer = torch.optim.Adam(groups, lr=config.lr_images, betas=betas)
     else:
+        assert config.momentum_images is not None  # with_method_defaults() fills it
         optimizer = torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum_images)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
@@ -1159,7 +1173,9 @@ def _distill_in(config: DistillConfig, files: RunFiles, resume: bool, progress: 
     train_images, train_labels = real.train_tensors()
     sampler = ClassSampler(train_images.to(device), train_labels.to(device), real.info.num_classes)
     if config.ipc > sampler.smallest_class_size():
-        raise UserInputError(f"ipc {config.ipc} is above the smallest class size {sampler.smallest_class_size()} of '{real.info.name}'")
+        raise UserInputError(
+            f"ipc {config.ipc} is above the smallest class size {sampler.smallest_class_size()} of '{real.info.name}'"
+        )
 
     parts = build_run_parts(config, real, sampler, device, fresh=not resume, cache=cache,
                             image_positions=split.mine if split is not None and split.kind == "images" else None)
@@ -1176,6 +1192,7 @@ def _distill_in(config: DistillConfig, files: RunFiles, resume: bool, progress: 
     if config.proxies is not None:
         pool = load_proxy_pool(config.proxies, real.info, device=str(device), cache=cache)
     if config.uses_cmi:
+        assert pool is not None  # validate() refuses a CMI weight without --proxies
         pool_regularizer = CMIRegularizer(pool, proxies_per_step=config.cmi_proxies_per_step)
         if config.ipc == 1 and config.param == "pixels" and writer:
             log.warning("CMI is identically 0 at ipc 1 with pixel images: each class has one image, so its "
@@ -1189,7 +1206,8 @@ def _distill_in(config: DistillConfig, files: RunFiles, resume: bool, progress: 
         held_out = load_proxy_pool(config.held_out_proxies, real.info, device=str(device), cache=cache)
         check_held_out(pool, held_out)
 
-    start, weights, calibrated = 0, {}, None
+    start, calibrated = 0, None
+    weights: dict[str, float] = {}
     if writer:
         files.root.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -1201,7 +1219,8 @@ def _distill_in(config: DistillConfig, files: RunFiles, resume: bool, progress: 
             # numbers, bit for bit, as in a one-process run.
             contexts = [make_context(config, draw, synthetic, sampler, real, augment, device, CALIBRATION_STREAM)
                         for draw in range(CALIBRATION_DRAWS)]
-            calibration = calibrate_cmi_weight(method, pool_regularizer, contexts, cmi_target_ratio(config.method, config.ipc),
+            calibration = calibrate_cmi_weight(method, pool_regularizer, contexts,
+                                               cmi_target_ratio(config.method, config.ipc),
                                                config.cmi_auto_scale, config.precision)
             weights = {"cmi": calibration.weight}
             calibrated = calibration.to_dict()
@@ -1209,6 +1228,7 @@ def _distill_in(config: DistillConfig, files: RunFiles, resume: bool, progress: 
                 log.info("cmi_weight auto: lambda = %.6g (gradient ratio %.3g on the initial set)",
                          calibration.weight, calibration.ratio)
         else:
+            assert config.cmi_weight is not None  # uses_cmi: a number here
             weights = {"cmi": float(config.cmi_weight)}
     if pool_regularizer is not None:
         terms.append(RegularizerTerm("cmi", pool_regularizer, weights["cmi"], config.cmi_every))
@@ -1219,6 +1239,7 @@ def _distill_in(config: DistillConfig, files: RunFiles, resume: bool, progress: 
                                                  **({"cmi_calibration": calibrated} if calibrated else {})},
                                                 sort_keys=False))
 
+    assert config.iterations is not None and config.lr_schedule is not None  # with_method_defaults() fills them
     metrics = MetricsLog(files, start) if writer else None
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                disable=not (progress and writer),
@@ -1232,7 +1253,8 @@ def _distill_in(config: DistillConfig, files: RunFiles, resume: bool, progress: 
             for param_group in optimizer.param_groups:
                 param_group["lr"] = param_group["base_lr"] * factor
             try:
-                logged = run_iteration(method, terms, context, optimizer, average, split, config.precision)
+                logged: dict[str, Any] = run_iteration(method, terms, context, optimizer, average, split,
+                                                       config.precision)
             except LossDiverged as diverged:
                 kept = (f"the last good checkpoint (iteration {last_good}) is kept in '{files.checkpoint}'"
                         if files.checkpoint.exists() else "no checkpoint was written yet")
@@ -1346,13 +1368,12 @@ def check_held_out(pool: ProxyPool | None, held_out: ProxyPool) -> None:
     for record in held_out.records:
         if record.path is None:
             continue
-        twin = optimised.get(_file_digest(record.path))
+        twin, same = optimised.get(_file_digest(record.path)), "file"
         if twin is None and held_out.arch == pool.arch:
-            twin = next((other for other in pool.records if other.seed == record.seed), None)
+            twin, same = next((other for other in pool.records if other.seed == record.seed), None), "training seed"
         if twin is not None:
             raise UserInputError(f"the held-out pool shares a proxy with the optimised pool: {record.path} is the "
-                                 f"proxy of {twin.path} (same {'training seed' if twin.seed == record.seed else 'file'});"
-                                 " build the held-out proxies with another --seed")
+                                 f"proxy of {twin.path} (same {same}); build the held-out proxies with another --seed")
 
 
 def _file_digest(path: Path) -> str:

@@ -21,9 +21,10 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ LR_SCHEDULES = ("half", "constant", "cosine")
 BATCHED_CHOICES = ("auto", "on", "off")
 OPTIMIZERS = ("sgd", "adamw")
 RECIPES = ("auto", "protocol", "kd")
-KD_RECIPE = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.01, "lr_schedule": "cosine"}
+KD_RECIPE: dict[str, Any] = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.01, "lr_schedule": "cosine"}
 """SRe2L's relabel recipe (the student training of its CIFAR and ImageNet-1K relabel scripts): AdamW lr 0.001,
 weight decay 0.01, cosine decay, loss KL(teacher soft labels at temperature T || softmax(student logits / T)).
 The soft labels are the ones stored in the set (the official scripts query the teacher afresh on every
@@ -340,8 +341,9 @@ def train_from_scratch(
     device = resolve_device(config.device)
     config = replace(config, precision=resolve_precision(config.precision, device, measured=False))
     channels, height, width = images.shape[1:]
-    models = [
-        build_model(config.model, channels=channels, num_classes=num_classes, image_size=(height, width), seed=seed).to(device)
+    models: list[nn.Module] = [
+        build_model(config.model, channels=channels, num_classes=num_classes, image_size=(height, width),
+                    seed=seed).to(device)
         for seed in seeds
     ]
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -386,16 +388,18 @@ def evaluate_set(
     if "zca" in distilled.metadata.extra:
         real = whiten(real, float(distilled.metadata.extra["zca"]))  # the set lives in whitened space
     started = time.perf_counter()
-    soft = config.use_soft_labels and distilled.soft_labels is not None
-    targets = distilled.soft_labels if soft else distilled.labels
+    soft_labels = distilled.soft_labels if config.use_soft_labels else None
+    soft = soft_labels is not None
+    targets = soft_labels if soft_labels is not None else distilled.labels
     relabelled = "relabel_temperature" in distilled.metadata.extra
     if config.recipe == "kd" or (config.recipe == "auto" and soft and relabelled):
         temperature = float(distilled.metadata.extra.get("relabel_temperature", config.temperature))
         config = replace(config, **KD_RECIPE, temperature=temperature, use_learned_lr=False, recipe="kd")
     config = replace(config, precision=resolve_precision(config.precision, resolve_device(config.device),
                                                          bf16_measured(config)))
-    learned_lr = config.use_learned_lr and distilled.lr is not None
-    lr = float(distilled.lr.item()) if learned_lr else config.lr
+    learned = distilled.lr if config.use_learned_lr else None
+    learned_lr = learned is not None
+    lr = float(learned.item()) if learned is not None else config.lr
     seeds = run_seeds(config.seed, config.runs)
     if run_indices is not None:
         if any(not 0 <= index < config.runs for index in run_indices):
@@ -439,7 +443,8 @@ def random_subset(real: RealData, ipc: int, seed: int) -> DistilledSet:
         ipc=ipc,
         seed=seed,
     )
-    return DistilledSet(images=real.normalise(subset_uint8).float().contiguous(), labels=subset_labels.long(), metadata=metadata)
+    return DistilledSet(images=real.normalise(subset_uint8).float().contiguous(), labels=subset_labels.long(),
+                        metadata=metadata)
 
 
 
@@ -500,7 +505,9 @@ def evaluate_models(
     return [evaluate_set(distilled, real, model_config, progress=progress) for model_config in configs]
 
 
-def _model_configs(distilled: DistilledSet, real: RealData, config: EvalConfig, models: Sequence[str]) -> list[EvalConfig]:
+def _model_configs(
+    distilled: DistilledSet, real: RealData, config: EvalConfig, models: Sequence[str]
+) -> list[EvalConfig]:
     """``config`` for each model, after checking the names, the settings and that each model takes the set."""
     names = check_model_names(models)
     configs = [replace(config, model=name) for name in names]

@@ -13,8 +13,9 @@ import fcntl
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from infodistill.errors import UserInputError
 
@@ -75,7 +76,7 @@ def directory_in_use(root: str | Path) -> str | None:
     neither created nor changed."""
     path = Path(root) / LOCK_NAME
     try:
-        handle = open(path, "r")
+        handle = open(path)
     except OSError:
         return None  # no lock file (or none readable): no run has held this directory
     with handle:

@@ -51,7 +51,7 @@ from infodistill.evaluate import (
     use_batched_training,
 )
 from infodistill.files import atomic_path
-from infodistill.models import build_model, has_batch_norm, parse_model_name
+from infodistill.models import DistillModel, build_model, has_batch_norm, parse_model_name
 from infodistill.precision import check_precision, resolve_precision
 from infodistill.regularizers.cmi import cmi_from_features, vectorise_proxies
 
@@ -468,7 +468,8 @@ def train_proxy_pool(
                    weight_decay=float(weight_decay), batch_size=batch_size, augment="none",
                    train_per_class=train_per_class, precision=precision)
     plan = _top_up(Path(out_dir), ProxyMetadata, proxy_files, planned, BUILD_FIELDS, count, seed)
-    records = [ProxyRecord(index, metadata.seed, metadata.test_accuracy, path) for index, path, metadata in plan.existing]
+    records = [ProxyRecord(index, metadata.seed, metadata.test_accuracy, path)
+               for index, path, metadata in plan.existing]
     if plan.to_train == 0:
         return records
 
@@ -500,7 +501,7 @@ def train_proxy_pool(
 class _EmbedForward(nn.Module):
     """A wrapper whose ``forward`` is the wrapped model's ``embed`` (functional_call calls ``forward``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: DistillModel) -> None:
         super().__init__()
         self.model = model
 
@@ -547,7 +548,7 @@ class ProxyPool:
 
     def __init__(
         self,
-        models: Sequence[nn.Module],
+        models: Sequence[DistillModel],
         arch: str,
         info: DatasetInfo,
         records: Sequence[ProxyRecord] | None = None,
@@ -566,7 +567,8 @@ class ProxyPool:
         self._setup(models[0], stacked, parse_model_name(arch).canonical_name, info, records)
 
     def _setup(
-        self, template: nn.Module, state: dict[str, Tensor], arch: str, info: DatasetInfo, records: Sequence[ProxyRecord]
+        self, template: DistillModel, state: dict[str, Tensor], arch: str, info: DatasetInfo,
+        records: Sequence[ProxyRecord],
     ) -> None:
         count = len(next(iter(state.values())))
         if len(records) != count:
@@ -576,7 +578,9 @@ class ProxyPool:
             name for name, _ in meta_template.named_buffers()
         }
         if state_names != set(state):
-            raise ValueError(f"{arch}: parameters and buffers {sorted(state_names ^ set(state))} are not in the state dict")
+            raise ValueError(
+                f"{arch}: parameters and buffers {sorted(state_names ^ set(state))} are not in the state dict"
+            )
         self.arch = arch
         self.info = info
         self.pooled = bool(getattr(template, "pooled_embedding", False))
@@ -584,7 +588,7 @@ class ProxyPool:
         self.device = next(iter(state.values())).device
         self._state = state
         self._template = _EmbedForward(meta_template)
-        self._models: list[nn.Module] = []
+        self._models: list[DistillModel] = []
         for position in range(count):
             model = copy.deepcopy(meta_template)
             model.load_state_dict({name: tensor[position] for name, tensor in state.items()}, strict=True, assign=True)
@@ -604,7 +608,7 @@ class ProxyPool:
                                  f"build one with 'infodistill proxies --dataset {info.name} --out {directory}'")
         expected_data = _data_values(info)
         arch: str | None = None
-        template: nn.Module | None = None
+        template: DistillModel | None = None
         state: dict[str, Tensor] = {}
         records = []
         for position, (index, path) in enumerate(files):
@@ -621,7 +625,7 @@ class ProxyPool:
                     if arch is None:
                         arch = metadata.arch
                         try:
-                            template = build_model(arch, info.channels, info.num_classes, tuple(info.image_size), seed=0)
+                            template = build_model(arch, info.channels, info.num_classes, info.image_size, seed=0)
                         except UserInputError as error:
                             raise UserInputError(f"proxy file {path}: {error}") from None
                         state = {
@@ -669,7 +673,7 @@ class ProxyPool:
                 f"vector; {what} needs pooled proxies: build them with `infodistill proxies --arch ResNet18` "
                 "(the paper's) or `--arch ConvNetGAP-3` (a ConvNet with a globally pooled embedding)")
 
-    def __getitem__(self, index: int) -> nn.Module:
+    def __getitem__(self, index: int) -> DistillModel:
         """The proxy at position ``index`` (0..len-1, in file-number order)."""
         return self._models[index]
 
@@ -681,14 +685,16 @@ class ProxyPool:
         """Position of one proxy drawn uniformly at random with ``generator``."""
         return int(torch.randint(len(self), (1,), generator=generator, device=generator.device).item())
 
-    def sample(self, generator: torch.Generator) -> nn.Module:
+    def sample(self, generator: torch.Generator) -> DistillModel:
         """One proxy drawn uniformly at random with ``generator`` (the paper's rule, once per step)."""
         return self[self.sample_index(generator)]
 
     def sample_indices(self, k: int, generator: torch.Generator) -> list[int]:
         """``k`` distinct positions drawn uniformly at random with ``generator``."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
-            raise UserInputError(f"cannot draw {k!r} distinct proxies from a pool of {len(self)}; allowed are 1..{len(self)}")
+            raise UserInputError(
+                f"cannot draw {k!r} distinct proxies from a pool of {len(self)}; allowed are 1..{len(self)}"
+            )
         return torch.randperm(len(self), generator=generator, device=generator.device)[:k].tolist()
 
     def stacked(self, indices: Sequence[int]) -> StackedProxies:
@@ -772,7 +778,7 @@ def flat_parameters(model: nn.Module) -> Tensor:
 
 def _expert_template(model: str, info: DatasetInfo) -> nn.Module:
     """A module of ``model`` for ``info``; refuse one with batch-norm running statistics."""
-    template = build_model(model, info.channels, info.num_classes, tuple(info.image_size), seed=0)
+    template = build_model(model, info.channels, info.num_classes, info.image_size, seed=0)
     if has_batch_norm(template):
         raise UserInputError(
             f"experts need a model without batch norm (their files store parameters only, not running statistics); "
@@ -844,7 +850,8 @@ def train_experts(
     planned = dict(_data_values(info), model=canonical_model, epochs=epochs, lr=float(lr), batch_size=batch_size,
                    augment=augment, zca=float(zca), layout=parameter_layout(template), train_per_class=train_per_class)
     plan = _top_up(Path(out_dir), ExpertMetadata, expert_files, planned, EXPERT_BUILD_FIELDS, count, seed)
-    records = [ExpertRecord(index, metadata.seed, metadata.test_accuracy, path) for index, path, metadata in plan.existing]
+    records = [ExpertRecord(index, metadata.seed, metadata.test_accuracy, path)
+               for index, path, metadata in plan.existing]
     if plan.to_train == 0:
         return records
 
@@ -860,7 +867,7 @@ def train_experts(
         for index, expert_seed in plan.planned_seeds():
             trajectory = torch.empty(epochs + 1, size, dtype=torch.float32)
             # train_from_scratch starts from build_model(config.model, ..., seed=expert_seed): the same weights.
-            initial = build_model(config.model, info.channels, info.num_classes, tuple(info.image_size), seed=expert_seed)
+            initial = build_model(config.model, info.channels, info.num_classes, info.image_size, seed=expert_seed)
             trajectory[0] = flat_parameters(initial)
 
             def record_epoch(run: int, epoch: int, network: nn.Module, trajectory: Tensor = trajectory) -> None:
@@ -1005,7 +1012,7 @@ class ExpertTrajectories:
     def build_model(self, seed: int = 0) -> nn.Module:
         """A module of the experts' architecture for their dataset, on the experts' device."""
         info = self.info
-        return build_model(self.model, info.channels, info.num_classes, tuple(info.image_size), seed=seed).to(self.device)
+        return build_model(self.model, info.channels, info.num_classes, info.image_size, seed=seed).to(self.device)
 
 
 class LoadCache:

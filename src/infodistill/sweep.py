@@ -40,7 +40,14 @@ from tqdm.auto import tqdm
 from infodistill.artefact import load_set, save_set
 from infodistill.config import config_from_mapping, load_yaml_mapping
 from infodistill.data import RealData, load_dataset
-from infodistill.distill import ARTEFACT_NAME, CHECKPOINT_NAME, DistillConfig, LossDiverged, distill, distill_config_from
+from infodistill.distill import (
+    ARTEFACT_NAME,
+    CHECKPOINT_NAME,
+    DistillConfig,
+    LossDiverged,
+    distill,
+    distill_config_from,
+)
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
     EVALUATION_NAME,
@@ -90,7 +97,9 @@ class SweepSpec:
             cells.append(Cell(cell_name(values), values, config))
         names = [cell.name for cell in cells]
         if len(set(names)) != len(names):
-            raise UserInputError(f"the grid gives two cells the same name ({names}); give its values distinct spellings")
+            raise UserInputError(
+                f"the grid gives two cells the same name ({names}); give its values distinct spellings"
+            )
         return cells
 
     def to_mapping(self) -> dict[str, Any]:
@@ -305,7 +314,8 @@ def configure_sweep_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``sweep`` command's flags to ``parser`` (its handler is :func:`command_sweep`)."""
     parser.add_argument("file", nargs="?", metavar="SWEEP.yaml",
                         help="sweep file with sections distill, grid, evaluate, baseline (see docs/sweep.md)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder of the sweep (cells, baselines, sweep.json)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder of the sweep (cells, baselines, sweep.json)")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="vary a distillation setting over values (repeatable; adds to the file's grid)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

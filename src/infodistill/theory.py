@@ -57,6 +57,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -461,7 +462,7 @@ def run_setting(config: TheoryConfig, bar=None) -> dict:
     full = [train_student(task.X_train, task.y_train, s.W0, s.b, s.a0, eta, config.ridge) for s in students]
     full_errors = [normalised_error(p, task.X_test, task.y_test) for p in full]
     first_layer_energy = [float(subspace_energy(p.W1, task.U).mean()) for p in full]
-    result = {
+    result: dict[str, Any] = {
         "d": d, "r": r, "width": width, "step_size": eta, "expected_random_energy": r / d,
         "full_error": {"per_seed": full_errors, "mean": _mean_std(full_errors)[0], "std": _mean_std(full_errors)[1]},
         "full_first_layer_energy": first_layer_energy,
@@ -633,7 +634,7 @@ def _plot_energy(payload: dict, path: Path) -> None:
     main = payload["main"]
     figure, (axis,) = _new_figure(width=max(6.0, 1.2 * len(main["m_values"]) + 2))
     positions, data, colours = [], [], []
-    for index, m in enumerate(main["m_values"]):
+    for index in range(len(main["m_values"])):
         for offset, key, colour in ((-0.18, "distilled_energy", "tab:blue"), (0.18, "random_energy", "tab:orange")):
             positions.append(index + offset)
             data.append(main[key]["per_point"][index])

@@ -10,8 +10,8 @@ regularizer pulls in. :func:`save_ordered_grid` draws each class as a row, lowes
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch

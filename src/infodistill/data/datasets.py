@@ -19,10 +19,11 @@ import os
 import pickle
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ class RealData:
         """Normalised float32 test images and their labels."""
         return self.normalise(self.test_images), self.test_labels
 
-    def training_subset(self, per_class: int, seed: int) -> "RealData":
+    def training_subset(self, per_class: int, seed: int) -> RealData:
         """The same data with a class-balanced random part of the training split (``per_class`` images
         of each class, drawn with ``seed``); the test split is kept whole. For quick experts and demos."""
         from infodistill.data.sampler import ClassSampler
@@ -313,7 +314,9 @@ def load_restricted_pickle(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as error:
         raise UserInputError(f"pickle file {path} was refused or is malformed: {error}") from error
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
-        raise UserInputError(f"pickle file {path} is truncated or malformed: {error or type(error).__name__}") from error
+        raise UserInputError(
+            f"pickle file {path} is truncated or malformed: {error or type(error).__name__}"
+        ) from error
     except OSError as error:
         raise UserInputError(f"cannot read pickle file {path}: {error.strerror or error}") from error
 
@@ -424,7 +427,8 @@ def _decode_images(paths: Sequence[Path], mode: str, size: tuple[int, int]) -> n
             with Image.open(path) as image:
                 if image.size != (width, height):
                     raise UserInputError(
-                        f"image {path} is {image.size[1]}x{image.size[0]} (HxW); expected {height}x{width} like the others"
+                        f"image {path} is {image.size[1]}x{image.size[0]} (HxW); "
+                        f"expected {height}x{width} like the others"
                     )
                 decoded[index] = np.asarray(image.convert(mode)).reshape(height, width, channels)
         except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
@@ -516,7 +520,7 @@ def _read_tiny_imagenet(root: Path) -> Splits:
     cache_path = folder / TINY_IMAGENET_CACHE_NAME
     cached = _read_tiny_imagenet_cache(cache_path, wnids)
     if cached is not None:
-        return Splits(*(cached[key] for key in _TINY_SPLIT_KEYS), class_names)
+        return Splits._make([*(cached[key] for key in _TINY_SPLIT_KEYS), class_names])
 
     label_of = {wnid: index for index, wnid in enumerate(wnids)}
     train_paths: list[Path] = []
@@ -536,7 +540,8 @@ def _read_tiny_imagenet(root: Path) -> Splits:
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in label_of:
             raise UserInputError(
-                f"{annotations_path} line {line_number}: expected 'file<TAB>wnid<TAB>...' with a wnid from wnids.txt, got {line[:80]!r}"
+                f"{annotations_path} line {line_number}: expected 'file<TAB>wnid<TAB>...' "
+                f"with a wnid from wnids.txt, got {line[:80]!r}"
             )
         test_paths.append(folder / "val" / "images" / fields[0])
         test_labels.append(label_of[fields[1]])
@@ -552,7 +557,7 @@ def _read_tiny_imagenet(root: Path) -> Splits:
         cache_path,
         metadata={"format": TINY_IMAGENET_CACHE_FORMAT, "wnids": ",".join(wnids)},
     )
-    return Splits(*(arrays[key] for key in _TINY_SPLIT_KEYS), class_names)
+    return Splits._make([*(arrays[key] for key in _TINY_SPLIT_KEYS), class_names])
 
 
 def _describe_tiny_imagenet(root: Path) -> DatasetInfo:
@@ -719,12 +724,14 @@ DATASET_REGISTRY: dict[str, DatasetSpec] = {
         DatasetSpec(
             info=DatasetInfo(
                 "fashion-mnist", 1, (28, 28), 10,
-                ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+                ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"),
                 (0.2861,), (0.3530,),
             ),
             read=functools.partial(_read_idx_dataset, "FashionMNIST", _debian_fashion_mnist_folders),
             download=functools.partial(_download_with_torchvision, "FashionMNIST", "", _TRAIN_AND_TEST),
-            how_to_get="or run `apt-get install dataset-fashion-mnist` (installs it in /usr/share/datasets/fashion-mnist)",
+            how_to_get="or run `apt-get install dataset-fashion-mnist` "
+                       "(installs it in /usr/share/datasets/fashion-mnist)",
         ),
         DatasetSpec(
             info=DatasetInfo("mnist", 1, (28, 28), 10, _DIGITS, (0.1307,), (0.3081,)),
@@ -748,13 +755,15 @@ DATASET_REGISTRY: dict[str, DatasetSpec] = {
                 "cifar100", 3, (32, 32), 100, _CIFAR100_CLASSES,
                 (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762),
             ),
-            read=functools.partial(_read_cifar, "cifar-100-python", ("train",), "test", "meta", "fine_labels", "fine_label_names"),
+            read=functools.partial(_read_cifar, "cifar-100-python", ("train",), "test", "meta", "fine_labels",
+                                   "fine_label_names"),
             download=functools.partial(_download_with_torchvision, "CIFAR100", "", ({"train": True},)),
         ),
         DatasetSpec(
             info=DatasetInfo("svhn", 3, (32, 32), 10, _DIGITS, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
             read=_read_svhn,
-            download=functools.partial(_download_with_torchvision, "SVHN", "svhn", ({"split": "train"}, {"split": "test"})),
+            download=functools.partial(_download_with_torchvision, "SVHN", "svhn",
+                                       ({"split": "train"}, {"split": "test"})),
         ),
         DatasetSpec(
             info=DatasetInfo(
@@ -817,10 +826,13 @@ def _check_split(info: DatasetInfo, images: torch.Tensor, labels: torch.Tensor, 
     expected = (info.channels, *info.image_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected:
         raise UserInputError(
-            f"dataset '{info.name}' under {root}: {split} images are {list(images.shape)}; expected N x {' x '.join(map(str, expected))}"
+            f"dataset '{info.name}' under {root}: {split} images are {list(images.shape)}; "
+            f"expected N x {' x '.join(map(str, expected))}"
         )
     if len(labels) != len(images):
-        raise UserInputError(f"dataset '{info.name}' under {root}: {len(labels)} {split} labels for {len(images)} images")
+        raise UserInputError(
+            f"dataset '{info.name}' under {root}: {len(labels)} {split} labels for {len(images)} images"
+        )
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
         raise UserInputError(
             f"dataset '{info.name}' under {root}: {split} labels span {int(labels.min())}..{int(labels.max())}; "
@@ -873,7 +885,8 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, download
     if splits.class_names is not None:
         if len(splits.class_names) != info.num_classes:
             raise UserInputError(
-                f"dataset '{info.name}' under {root} names {len(splits.class_names)} classes; expected {info.num_classes}"
+                f"dataset '{info.name}' under {root} names {len(splits.class_names)} classes; "
+                f"expected {info.num_classes}"
             )
         info = dataclasses.replace(info, class_names=tuple(splits.class_names))
     data = RealData(

@@ -38,7 +38,9 @@ class ZCAWhitening:
     def __init__(self, images: Tensor, epsilon: float = 0.1, chunk: int = 4096) -> None:
         self.epsilon = _check_epsilon(epsilon)
         if images.dim() != 4 or len(images) < 2:
-            raise UserInputError(f"ZCA whitening is fitted on at least 2 images N x C x H x W, got {list(images.shape)}")
+            raise UserInputError(
+                f"ZCA whitening is fitted on at least 2 images N x C x H x W, got {list(images.shape)}"
+            )
         self.image_shape = tuple(images.shape[1:])
         flat = images.detach().reshape(len(images), -1)
         dimension = flat.shape[1]

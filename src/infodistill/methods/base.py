@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -22,6 +23,7 @@ from infodistill.errors import UserInputError
 from infodistill.models.norm import BATCH_NORM_TYPES
 
 if TYPE_CHECKING:
+    from infodistill.models import DistillModel
     from infodistill.pools import LoadCache
 from infodistill.synthetic import SyntheticSet
 
@@ -86,7 +88,7 @@ class DistillContext:
         if self.share_set is not None:
             self.share_set()
 
-    def fresh_network(self) -> torch.nn.Module:
+    def fresh_network(self) -> DistillModel:
         """A randomly initialised matching network (seeded from this iteration's generator)."""
         from infodistill.models import build_model
 
@@ -110,7 +112,7 @@ class DistillContext:
             if owned is not None and label not in owned:
                 self.sampler.skip(label, count, self.generator)
                 if self.augment is not None:  # the draw DSA.siamese makes: one parameter set of batch 1
-                    self.augment.sample(1, tuple(synthetic.shape[-2:]), self.generator)
+                    self.augment.sample(1, (synthetic.shape[-2], synthetic.shape[-1]), self.generator)
                 continue
             real = self.sampler.sample(label, count, self.generator)
             syn = synthetic[label]
@@ -235,7 +237,7 @@ class Method(ABC):
     def iteration(self, context: DistillContext) -> Iterator[torch.Tensor | ClassUpdate]:
         """Yield one scalar matching loss (or a :class:`ClassUpdate`) per image update of this iteration."""
 
-    def prepare(self, setup: MethodSetup) -> None:
+    def prepare(self, setup: MethodSetup) -> None:  # noqa: B027  an optional hook: the default does nothing
         """Called once before the first iteration: load what the method needs (experts), create its
         learned tensors, adjust the initial set. Most methods need nothing."""
 
@@ -253,7 +255,7 @@ class Method(ABC):
         """String metadata the method adds to the artefact (e.g. SRe2L's relabelling temperature)."""
         return {}
 
-    def project(self, synthetic: SyntheticSet) -> None:
+    def project(self, synthetic: SyntheticSet) -> None:  # noqa: B027  an optional hook: the default does nothing
         """Called without gradient after every optimiser step, e.g. to clip images to the pixel range."""
 
 

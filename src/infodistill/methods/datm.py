@@ -16,15 +16,16 @@ MTT with three changes, each a small override of :class:`TrajectoryMatching`:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from infodistill.methods.base import MethodDefaults, MethodSetup, register_method
 from infodistill.methods.mtt import TrajectoryMatching
-from infodistill.synthetic import PixelSet
+from infodistill.synthetic import PixelSet, SyntheticSet
 
 
 @register_method("datm")
@@ -80,7 +81,7 @@ class DifficultyAlignedMatching(TrajectoryMatching):
         if setup.fresh:
             label_epoch = self.experts.epochs
             if isinstance(synthetic, PixelSet) and setup.init == "real":
-                self._draw_correctly_classified(setup, label_epoch)
+                self._draw_correctly_classified(setup, synthetic, label_epoch)
             logits = self._expert_logits(synthetic.images().detach(), synthetic.labels, label_epoch)
         self.label_logits = nn.Parameter(logits)
 
@@ -95,10 +96,9 @@ class DifficultyAlignedMatching(TrajectoryMatching):
         return torch.where(counts > 0, correct_mean, all_logits.mean(dim=0))
 
     @torch.no_grad()
-    def _draw_correctly_classified(self, setup: MethodSetup, epoch: int) -> None:
-        """Replace each class's initial images by real ones that the first expert classifies correctly
-        (random candidates in order; the remaining places keep random real images if too few qualify)."""
-        synthetic = setup.synthetic
+    def _draw_correctly_classified(self, setup: MethodSetup, synthetic: PixelSet, epoch: int) -> None:
+        """Replace each class's initial images (``setup.synthetic``) by real ones that the first expert classifies
+        correctly (random candidates in order; the remaining places keep random real images if too few qualify)."""
         weights = self.experts.weights(0, epoch)
         per_class = synthetic.images_per_class
         for label in range(synthetic.num_classes):
@@ -108,7 +108,8 @@ class DifficultyAlignedMatching(TrajectoryMatching):
             chosen = torch.cat([candidates[correct], candidates[~correct]])[:per_class]
             synthetic.pixels[label * per_class : (label + 1) * per_class] = chosen
 
-    def targets(self, synthetic: nn.Module) -> Tensor:
+    def targets(self, synthetic: SyntheticSet) -> Tensor:
+        assert self.label_logits is not None  # prepare() creates them
         return torch.softmax(self.label_logits, dim=1)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -117,4 +118,5 @@ class DifficultyAlignedMatching(TrajectoryMatching):
                  "name": "labels"}]
 
     def artefact_tensors(self) -> dict[str, Tensor]:
+        assert self.label_logits is not None  # prepare() creates them
         return {**super().artefact_tensors(), "soft_labels": torch.softmax(self.label_logits.detach(), dim=1)}

@@ -14,10 +14,10 @@ One iteration, as in the paper's algorithm box:
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from infodistill.errors import UserInputError
 from infodistill.methods.base import (
@@ -26,7 +26,7 @@ from infodistill.methods.base import (
     MethodDefaults,
     register_method,
 )
-from infodistill.models import parse_model_name
+from infodistill.models import DistillModel, parse_model_name
 from infodistill.precision import to_fp32
 
 ClassBatches = Sequence[Tensor] | Tensor
@@ -54,8 +54,8 @@ class DistributionMatching(Method):
     iteration) do not exhaust device memory; ``None`` embeds every class at once; ``"auto"`` (default)
     takes the size measured fastest on the device (``FORWARD_IMAGES_BY_DEVICE``: on CPU one 256-image
     class at a time beat one 2,560-image pass by 1.5x, as large activations leave the cache; on GPUs
-    large passes keep the device busy). It does not change the result for instance-norm networks. Synthetic images are always embedded together:
-    their activations are kept for the backward pass either way.
+    large passes keep the device busy). It does not change the result for instance-norm networks. Synthetic
+    images are always embedded together: their activations are kept for the backward pass either way.
     """
 
     process_split = "classes"
@@ -106,7 +106,7 @@ class DistributionMatching(Method):
         yield self.matching_loss(network, real_by_class, synthetic_by_class)
 
     def matching_loss(
-        self, network: nn.Module, real_by_class: ClassBatches, synthetic_by_class: ClassBatches
+        self, network: DistillModel, real_by_class: ClassBatches, synthetic_by_class: ClassBatches
     ) -> Tensor:
         """``sum_c || mean embed(real_c) - mean embed(syn_c) ||^2``; gradients flow only to the synthetic side.
 
@@ -118,13 +118,13 @@ class DistributionMatching(Method):
             )
         with torch.no_grad():
             limit = self.max_forward_images
-            if limit == "auto":
+            if isinstance(limit, str):  # "auto", the one string the constructor accepts
                 limit = FORWARD_IMAGES_BY_DEVICE.get(real_by_class[0].device.type, 4096)
             real_means = self._class_means(network, real_by_class, limit)
         synthetic_means = self._class_means(network, synthetic_by_class, None)
         return (real_means - synthetic_means).pow(2).sum()
 
-    def _class_means(self, network: nn.Module, batches: ClassBatches, max_images: int | None) -> Tensor:
+    def _class_means(self, network: DistillModel, batches: ClassBatches, max_images: int | None) -> Tensor:
         """Mean embedding per class, ``K x D``, from as few forward passes as the settings allow."""
         if self.per_class_forward:
             return torch.stack([to_fp32(network.embed(batch)).flatten(1).mean(0) for batch in batches])
@@ -148,7 +148,7 @@ def _class_groups(batches: ClassBatches, max_images: int | None) -> list[ClassBa
     return groups
 
 
-def _embed_means(network: nn.Module, batches: ClassBatches) -> Tensor:
+def _embed_means(network: DistillModel, batches: ClassBatches) -> Tensor:
     """Embed all classes of ``batches`` in one forward pass; return the per-class means (``K x D``).
     Embeddings computed in bf16 (mixed precision) are averaged in float32."""
     if isinstance(batches, Tensor):

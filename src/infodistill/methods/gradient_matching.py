@@ -26,8 +26,9 @@ evaluation mode. The inner training runs in training mode again.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import ClassVar, Iterator, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -188,8 +189,8 @@ class GradientMatching(Method):
         for c, real, syn in zip(labels, real_by_class, synthetic_by_class):
             real_labels = torch.full((len(real),), c, dtype=torch.long, device=real.device)
             synthetic_labels = torch.full((len(syn),), c, dtype=torch.long, device=syn.device)
-            real_grads = torch.autograd.grad(F.cross_entropy(network(real), real_labels), parameters)
-            real_grads = [grad.detach() for grad in real_grads]
+            real_grads = [grad.detach() for grad in
+                          torch.autograd.grad(F.cross_entropy(network(real), real_labels), parameters)]
             synthetic_grads = torch.autograd.grad(
                 F.cross_entropy(network(syn), synthetic_labels), parameters, create_graph=True
             )

@@ -79,12 +79,13 @@ from infodistill.methods.gradient_matching import gradient_distance
 from infodistill.models.norm import has_batch_norm
 
 
+# sum() starts from the int 0, which it returns only for no gradients; a network always has some
 def _squared_distance(real_grads: Sequence[Tensor], synthetic_grads: Sequence[Tensor]) -> Tensor:
-    return sum((real - synthetic).pow(2).sum() for real, synthetic in zip(real_grads, synthetic_grads))
+    return sum((real - synthetic).pow(2).sum() for real, synthetic in zip(real_grads, synthetic_grads))  # type: ignore[return-value]
 
 
 def _absolute_distance(real_grads: Sequence[Tensor], synthetic_grads: Sequence[Tensor]) -> Tensor:
-    return sum((real - synthetic).abs().sum() for real, synthetic in zip(real_grads, synthetic_grads))
+    return sum((real - synthetic).abs().sum() for real, synthetic in zip(real_grads, synthetic_grads))  # type: ignore[return-value]
 
 
 MATCH_METRICS: Mapping[str, Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]] = {
@@ -198,7 +199,8 @@ class IDC(Method):
         return math.ceil(cls.PUBLISHED_NET_IMAGES.get(dataset, cls.DEFAULT_NET_IMAGES) / batch_net)
 
     def iteration(self, context: DistillContext) -> Iterator[ClassUpdate]:
-        """``outer_loop`` rounds of per-class image updates on one fresh network, trained on real data between rounds."""
+        """``outer_loop`` rounds of per-class image updates on one fresh network, trained on real data between
+        rounds."""
         outer_loop = self.outer_loop if self.outer_loop is not None else self.PUBLISHED_OUTER_LOOP
         net_steps = (self.net_steps if self.net_steps is not None
                      else self.published_net_steps(context.info.name, self.batch_net))

@@ -24,8 +24,9 @@ The learned step size is stored in the artefact (``lr``) and used by ``infodisti
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,7 @@ from infodistill.methods.student import (
     FunctionalStudent,
     normalised_distance,
 )
+from infodistill.synthetic import SyntheticSet
 
 
 @register_method("mtt")
@@ -130,19 +132,21 @@ class TrajectoryMatching(Method):
         return [{"params": [self.lr], "lr": self.lr_lr, "momentum": 0.5, "name": "lr"}]
 
     def artefact_tensors(self) -> dict[str, Tensor]:
+        assert self.lr is not None  # prepare() creates it
         return {"lr": self.lr.detach().clamp_min(self.MIN_LR).reshape(())}
 
     def start_epoch_bound(self, iteration: int) -> int:
         """Start epochs are drawn from [min_start_epoch, this bound)."""
         return self.max_start_epoch
 
-    def targets(self, synthetic: nn.Module) -> Tensor:
+    def targets(self, synthetic: SyntheticSet) -> Tensor:
         """What the student is trained to predict on the synthetic images: their labels."""
         return synthetic.labels
 
     def iteration(self, context: DistillContext) -> Iterator[Tensor]:
         """One loss, the mean over ``trajectories`` matched trajectories (those of this process in a split run,
         still divided by the total), and one update of the images and the step size."""
+        assert self.lr is not None  # prepare() creates it
         with torch.no_grad():
             self.lr.clamp_(min=self.MIN_LR)
         total: Tensor | None = None
@@ -174,5 +178,6 @@ class TrajectoryMatching(Method):
             if context.augment is not None:
                 batch = context.augment(batch, generator)
             batches.append((batch, targets[index]))
+        assert self.lr is not None  # prepare() creates it
         student = self.student.unroll(start, self.lr, batches, self.memory)
         return normalised_distance(student, start, target)

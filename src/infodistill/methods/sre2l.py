@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -142,8 +142,9 @@ class _StatisticsProbe:
         dims = [1, *range(3, grouped.dim())]
         mean = grouped.mean(dim=dims)
         variance = grouped.var(dim=dims, correction=0)
-        running_mean = module.running_mean.to(features.dtype)
-        running_var = module.running_var.to(features.dtype)
+        # a batch-norm layer tracking statistics (batch_norm_layers); nn.Module types its buffers as Tensor | Module
+        running_mean = cast(Tensor, module.running_mean).to(features.dtype)
+        running_var = cast(Tensor, module.running_var).to(features.dtype)
         distance = (mean - running_mean).norm(dim=1) + self.variance_weight * (variance - running_var).norm(dim=1)
         self.distances.append(distance)
 
@@ -407,7 +408,9 @@ class DWA(SRe2L):
         positions = list(range(len(batches))) if positions is None else list(positions)
         missing = [position for position in positions if position not in self.perturbed]
         if len(positions) != len(batches) or missing:
-            raise RuntimeError(f"DWA holds perturbed teachers for batches {sorted(self.perturbed)}, asked for {positions}")
+            raise RuntimeError(
+                f"DWA holds perturbed teachers for batches {sorted(self.perturbed)}, asked for {positions}"
+            )
         teacher = self._teacher()
         losses = []
         for batch, position in zip(batches, positions):

@@ -7,7 +7,7 @@ has no running statistics (which keeps the model usable under ``torch.func.vmap`
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -9,8 +9,9 @@ norm are matched case-insensitively; ``ModelSpec.canonical_name`` gives the cano
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

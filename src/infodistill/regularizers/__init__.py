@@ -1,4 +1,5 @@
-"""Regularizers: loss terms over the synthetic set that the distillation loop adds, with a weight, to the method's loss."""
+"""Regularizers: loss terms over the synthetic set that the distillation loop adds, with a weight, to the
+method's loss."""
 
 from infodistill.regularizers.base import Regularizer
 from infodistill.regularizers.cmi import (

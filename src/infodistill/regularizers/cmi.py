@@ -26,17 +26,19 @@ are applied by the distillation loop, not here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from infodistill.errors import UserInputError
 from infodistill.evaluate import BATCHED_CHOICES
 from infodistill.regularizers.base import Regularizer
 
 if TYPE_CHECKING:  # imported for type hints only: pools imports this module at run time
+    from infodistill.models import DistillModel
     from infodistill.pools import ProxyPool, StackedProxies
 
 COMPUTE_DTYPE = torch.float64
@@ -140,14 +142,14 @@ def cmi_share_from_features(features: Tensor, labels: Tensor, num_classes: int, 
 
 
 def empirical_cmi(
-    proxy: nn.Module, images: Tensor, labels: Tensor, num_classes: int, per_class: bool = False
+    proxy: DistillModel, images: Tensor, labels: Tensor, num_classes: int, per_class: bool = False
 ) -> Tensor:
     """CMI of (images, labels) under one proxy: :func:`cmi_from_features` of ``proxy.embed(images)``."""
     return cmi_from_features(proxy.embed(images), labels, num_classes, per_class=per_class)
 
 
 def cmi_per_proxy(
-    proxies: "StackedProxies", images: Tensor, labels: Tensor, num_classes: int, per_class: bool = False
+    proxies: StackedProxies, images: Tensor, labels: Tensor, num_classes: int, per_class: bool = False
 ) -> Tensor:
     """CMI under each of K stacked proxies, in one vectorised pass: K values.
 
@@ -172,9 +174,10 @@ class CMIRegularizer(Regularizer):
     name = "cmi"
 
     def __init__(
-        self, pool: "ProxyPool", proxies_per_step: int = 1, per_class: bool = False, batched: str = "auto"
+        self, pool: ProxyPool, proxies_per_step: int = 1, per_class: bool = False, batched: str = "auto"
     ) -> None:
-        if isinstance(proxies_per_step, bool) or not isinstance(proxies_per_step, int) or not 1 <= proxies_per_step <= len(pool):
+        if (isinstance(proxies_per_step, bool) or not isinstance(proxies_per_step, int)
+                or not 1 <= proxies_per_step <= len(pool)):
             raise UserInputError(
                 f"proxies_per_step={proxies_per_step!r} is not allowed; use 1..{len(pool)} (the pool's size)"
             )

@@ -23,8 +23,8 @@ is undefined exactly when it is needed most.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +104,7 @@ def layer_features(network: nn.Module, images: Tensor, layers: int) -> list[Tens
     if not hasattr(network, "embed"):
         raise UserInputError(f"the MIM feature network {type(network).__name__} has no embed(x) method")
     if layers == 1:
-        return [network.embed(images)]
+        return [network.embed(images)]  # type: ignore[operator]  # embed is checked above; nn.Module hides it
     ends = block_ends(network)
     available = max(len(ends) - 1, 0)
     if layers - 1 > available:
@@ -119,7 +119,7 @@ def layer_features(network: nn.Module, images: Tensor, layers: int) -> list[Tens
         for k, module in enumerate(chosen)
     ]
     try:
-        embedding = network.embed(images)
+        embedding = network.embed(images)  # type: ignore[operator]  # embed is checked above; nn.Module hides it
     finally:
         for handle in handles:
             handle.remove()
@@ -215,7 +215,8 @@ class MIMRegularizer(Regularizer):
                                  dtype=dtype) * 2 - 1) * bound
             bias = (torch.rand(self.projection_dim, generator=init_generator, device=init_generator.device,
                                dtype=dtype) * 2 - 1) * bound
-            self.heads.append((weight.to(probe.device).requires_grad_(True), bias.to(probe.device).requires_grad_(True)))
+            self.heads.append((weight.to(probe.device).requires_grad_(True),
+                               bias.to(probe.device).requires_grad_(True)))
 
     def parameters(self) -> list[Tensor]:
         """The heads' tensors, layer by layer (shallowest first): weight, bias, weight, bias, ..."""
@@ -247,7 +248,8 @@ class MIMRegularizer(Regularizer):
                 bias.copy_(state[f"head{index}.bias"])
 
     def real_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``min(real_per_class, class_count(c))`` real images of every non-empty class c, in class order, and labels."""
+        """``min(real_per_class, class_count(c))`` real images of every non-empty class c, in class order, and
+        labels."""
         images, labels = [], []
         for c in range(self.sampler.num_classes):
             count = min(self.real_per_class, self.sampler.class_count(c))
@@ -270,7 +272,8 @@ class MIMRegularizer(Regularizer):
             feature.shape[1] != weight.shape[1] for feature, (weight, _) in zip(synthetic_features, self.heads)
         ):
             raise UserInputError(
-                f"the MIM feature network gives feature sizes {[f.shape[1] for f in synthetic_features]}, but the heads "
+                f"the MIM feature network gives feature sizes {[f.shape[1] for f in synthetic_features]}, "
+                f"but the heads "
                 f"were built for {list(self.feature_dims)}; network_factory must always return the same architecture"
             )
         terms = [

@@ -6,6 +6,7 @@ from infodistill.synthetic.base import (
     build_synthetic,
     register_parameterisation,
 )
+
 from infodistill.synthetic.pixels import INITS, PixelSet  # noqa: E402  isort: skip
 from infodistill.synthetic.multi import MultiFormationSet  # isort: skip
 from infodistill.synthetic.lowrank import LowRankSet  # isort: skip

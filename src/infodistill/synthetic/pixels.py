@@ -19,7 +19,7 @@ def check_init_and_shape(sampler: ClassSampler, init: str, what: str) -> tuple[i
     image_shape = tuple(sampler.images.shape[1:])
     if len(image_shape) != 3:
         raise UserInputError(f"{what} needs C x H x W images, got {list(image_shape)}")
-    return image_shape  # type: ignore[return-value]
+    return image_shape
 
 
 @register_parameterisation("pixels")
@@ -33,12 +33,13 @@ class PixelSet(SyntheticSet):
     @classmethod
     def initialise(
         cls, sampler: ClassSampler, images_per_class: int, init: str, generator: torch.Generator
-    ) -> "PixelSet":
+    ) -> PixelSet:
         """Start from randomly drawn real images of each class, or from standard-normal noise."""
         if init not in INITS:
             raise UserInputError(f"init '{init}' is not one of: {', '.join(INITS)}")
         real = sampler.sample_classes(images_per_class, generator)  # classes x ipc x C x H x W
-        synthetic = cls(sampler.num_classes, images_per_class, tuple(real.shape[2:]))
+        channels, height, width = real.shape[2:]
+        synthetic = cls(sampler.num_classes, images_per_class, (channels, height, width))
         with torch.no_grad():
             if init == "real":
                 synthetic.pixels.copy_(real.flatten(0, 1).float())
