@@ -20,6 +20,7 @@ from infodistill import __version__
 from infodistill.artefact import grid_path_for, load_set, save_set
 from infodistill.config import build_config, check_seed, load_yaml_mapping
 from infodistill.continual import command_continual, configure_continual_parser
+from infodistill.coresets import SELECT_CHOICES
 from infodistill.data import DATASET_NAMES, dataset_info, load_dataset
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
@@ -27,6 +28,7 @@ from infodistill.evaluate import (
     BATCHED_CHOICES,
     RECIPES,
     EvalConfig,
+    EvalResult,
     check_evaluation_processes,
     check_model_names,
     check_set_fits,
@@ -123,23 +125,45 @@ def _print_json(payload: dict) -> None:
 
 
 def command_baseline(args: argparse.Namespace) -> int:
-    """Draw a class-balanced random real subset and write it as an artefact with its grid."""
+    """Select a class-balanced real subset (at random, or by herding or k-center in a proxy pool's feature
+    space) and write it as an artefact with its grid."""
     if args.ipc < 1:
         raise UserInputError(f"--ipc must be a positive integer, got {args.ipc}")
     if args.relabel_temperature is not None and not args.relabel_temperature > 0:
         raise UserInputError(f"--relabel-temperature must be positive, got {args.relabel_temperature}")
+    if args.select != "random" and args.proxies is None:
+        raise UserInputError(f"--select {args.select} chooses images in a proxy pool's feature space; "
+                             "give the pool with --proxies DIR (built by 'infodistill proxies')")
+    if args.select == "random" and args.proxies is not None:
+        raise UserInputError("--proxies is only used by --select herding or kcenter; random selection uses no features")
     real = load_dataset(args.dataset, data_root=args.data_root, download=args.download)
-    subset = random_subset(real, args.ipc, args.seed)
+    subset = random_subset(real, args.ipc, args.seed) if args.select == "random" else _coreset(args, real)
     if args.teacher is not None:
         subset = _relabelled(subset, real, args.teacher, args.relabel_temperature or 30.0)
     path = save_set(subset, args.out)
     grid = grid_path_for(path)
     if args.json:
         _print_json({"artefact": str(path), "grid": str(grid), "images": len(subset.labels),
-                     "classes": subset.num_classes, "ipc": args.ipc, "dataset": real.info.name, "seed": args.seed})
+                     "classes": subset.num_classes, "ipc": args.ipc, "dataset": real.info.name, "seed": args.seed,
+                     "select": args.select})
     else:
-        print(f"wrote {path} ({len(subset.labels)} images, {args.ipc} per class of {subset.num_classes}) and {grid}")
+        print(f"wrote {path} ({len(subset.labels)} images, {args.ipc} per class of {subset.num_classes}, "
+              f"selected by {args.select}) and {grid}")
     return 0
+
+
+def _coreset(args: argparse.Namespace, real):
+    """The ``--select herding|kcenter`` subset in the feature space of the pool ``--proxies``
+    (:func:`~infodistill.coresets.pool_features`); the class sizes are checked before the pool is read."""
+    from infodistill.coresets import check_class_sizes, coreset_subset, pool_features
+    from infodistill.pools import ProxyPool
+
+    check_class_sizes(real.train_labels, args.ipc, real.info.num_classes)
+    pool = ProxyPool.load(args.proxies, real.info)
+    features = pool_features(pool, real.normalise(real.train_images).float())
+    space = {"feature_space": "L2-normalised embed of proxy 0 of the pool", "proxies": str(args.proxies),
+             "proxy_arch": pool.arch}
+    return coreset_subset(real, args.select, args.ipc, features, args.seed, space)
 
 
 def _relabelled(subset, real, teacher: str, temperature: float):
@@ -174,6 +198,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
     for name in models or ():
         dataclasses.replace(config, model=name).validate()
     distilled = load_set(args.set)
+    _check_score_flags(args, models, distilled)
     dataset = args.dataset or distilled.metadata.dataset
     if args.nproc is not None and args.nproc > 1:
         check_set_fits(distilled, dataset_info(dataset, data_root=args.data_root))
@@ -194,19 +219,50 @@ def command_evaluate(args: argparse.Namespace) -> int:
         shutdown(group)
     if not is_main(group):
         return 0
-    written = write_evaluation(args.out, args.set, results) if args.out is not None else None
+    extra = _scores(args, distilled, real, config, results[0]) if args.scores else None
+    written = write_evaluation(args.out, args.set, results, extra) if args.out is not None else None
     if args.json:
         # a single --model keeps the one-result shape that scripts (benchmarks/collect_accuracy.py) read
-        _print_json(results[0].to_dict() if models is None else evaluation_payload(args.set, results))
+        _print_json({**results[0].to_dict(), **(extra or {})} if models is None
+                    else evaluation_payload(args.set, results))
         return 0
     if models is None:
         print(results[0].summary())
         print("per run: " + ", ".join(f"{accuracy:.2f}" for accuracy in results[0].accuracies))
     else:
         print(format_results_table(results))
+    if extra is not None:
+        from infodistill.scores import format_scores
+
+        print(format_scores(extra["scores"]))
     if written is not None:
         print(f"wrote {written[0]} and {written[1]}")
     return 0
+
+
+def _check_score_flags(args: argparse.Namespace, models: list[str] | None, distilled) -> None:
+    """Refuse score flags without ``--scores`` and ``--scores`` where its arms cannot be paired, before any work."""
+    if not args.scores:
+        for flag, value in (("--scores-cache", args.scores_cache), ("--full-data-accuracy", args.full_data_accuracy)):
+            if value is not None:
+                raise UserInputError(f"{flag} is only used with --scores")
+        return
+    if models is not None:
+        raise UserInputError("--scores scores the set with one model; give --model, not --models")
+    if (args.nproc or 1) > 1 or launched_by_torchrun():
+        raise UserInputError("--scores runs in one process; drop --nproc")
+    from infodistill.scores import check_scorable
+
+    check_scorable(distilled, args.full_data_accuracy)
+
+
+def _scores(args: argparse.Namespace, distilled, real, config: EvalConfig, main: EvalResult) -> dict:
+    """The ``scores`` entry: the remaining arms trained with the set's settings and evaluation seeds."""
+    from infodistill.scores import DEFAULT_CACHE, score_set
+
+    cache = Path(args.scores_cache) if args.scores_cache is not None else DEFAULT_CACHE
+    return {"scores": score_set(distilled, real, config, cache, args.full_data_accuracy, progress=not args.json,
+                                main=main)}
 
 
 def _distill_overrides(args: argparse.Namespace) -> dict:
@@ -400,13 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     commands.required = True
 
-    baseline = commands.add_parser("baseline", help="write a random real subset (the fair baseline) as an artefact",
-                                   description=command_baseline.__doc__)
+    baseline = commands.add_parser("baseline", description=command_baseline.__doc__,
+                                   help="write a real subset (random, herding or k-center: the fair baselines) "
+                                        "as an artefact")
     _add_data_flags(baseline, DEFAULT_DATASET)
     baseline.add_argument("--ipc", type=int, required=True, metavar="N", help="images per class")
     baseline.add_argument("--out", type=_safetensors_path, required=True, metavar="SET.safetensors",
                           help="artefact to write (a PNG grid is written beside it)")
     baseline.add_argument("--seed", type=int, default=0, help="seed of the random selection (default: 0)")
+    baseline.add_argument("--select", choices=SELECT_CHOICES, default="random",
+                          help="how the real images are chosen per class: random (default, drawn with --seed), "
+                               "herding or kcenter (greedy, in the feature space of --proxies; docs/coresets.md)")
+    baseline.add_argument("--proxies", metavar="DIR",
+                          help="proxy pool whose first proxy's L2-normalised embedding is the feature space of "
+                               "--select herding|kcenter")
     baseline.add_argument("--teacher", metavar="DIR",
                           help="relabel the subset with the soft labels of this teacher (first network of a proxy "
                                "pool), as SRe2L/DWA sets are: their fair baseline")
@@ -451,6 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", metavar="FILE.yaml", help="YAML file with evaluation settings (flags win)")
     evaluate.add_argument("--out", type=_json_path, metavar="FILE.json",
                           help="also write the results as FILE.json ({set, dataset, results: [...]}) and FILE.csv")
+    evaluate.add_argument("--scores", action="store_true",
+                          help="also train the random subset of the same size and the full real training set with "
+                               "the same settings and seeds, and report DD-Ranking's HLR, IOR, LRS and ARS with "
+                               "95%% intervals over runs (docs/scores.md)")
+    evaluate.add_argument("--scores-cache", metavar="DIR",
+                          help="with --scores: folder caching the full-data accuracies per dataset and recipe "
+                               "(default: ~/.cache/infodistill)")
+    evaluate.add_argument("--full-data-accuracy", type=float, metavar="FRACTION",
+                          help="with --scores: the full-data accuracy (hard labels, a fraction in [0, 1]) to use "
+                               "instead of training on the full set; recorded as given")
     evaluate.add_argument("--json", action="store_true",
                           help="print the result as JSON (with --models: the FILE.json content)")
     _add_process_flags(evaluate, "the (model, run) jobs are spread over N processes, one run at a time each")

@@ -560,16 +560,19 @@ def evaluate_spread(
     return results
 
 
-def evaluation_payload(set_path: str | Path, results: Sequence[EvalResult]) -> dict:
-    """The evaluation.json content: ``{"set", "dataset", "results": [EvalResult.to_dict(), ...]}``."""
+def evaluation_payload(set_path: str | Path, results: Sequence[EvalResult], extra: dict | None = None) -> dict:
+    """The evaluation.json content: ``{"set", "dataset", "results": [EvalResult.to_dict(), ...]}`` plus the
+    entries of ``extra`` (e.g. ``scores``, :mod:`infodistill.scores`)."""
     if not results:
         raise UserInputError("there are no evaluation results to report; evaluate at least one model")
-    return {"set": str(set_path), "dataset": results[0].dataset, "results": [result.to_dict() for result in results]}
+    return {"set": str(set_path), "dataset": results[0].dataset, "results": [result.to_dict() for result in results],
+            **(extra or {})}
 
 
-def write_evaluation(path: str | Path, set_path: str | Path, results: Sequence[EvalResult]) -> tuple[Path, Path]:
-    """Write ``path`` (evaluation.json, see :func:`evaluation_payload`) and the same results as a CSV
-    beside it (same stem, ``.csv``), each atomically; return both paths.
+def write_evaluation(path: str | Path, set_path: str | Path, results: Sequence[EvalResult],
+                     extra: dict | None = None) -> tuple[Path, Path]:
+    """Write ``path`` (evaluation.json, see :func:`evaluation_payload`, with ``extra``'s entries) and the same
+    results as a CSV beside it (same stem, ``.csv``), each atomically; return both paths.
 
     The JSON is the format other commands read; the CSV (one row per model, accuracies joined by ';')
     is for spreadsheets and plotting.
@@ -577,7 +580,7 @@ def write_evaluation(path: str | Path, set_path: str | Path, results: Sequence[E
     path = Path(path)
     if path.suffix != ".json":
         raise UserInputError(f"evaluation output '{path}' must end in .json")
-    payload = evaluation_payload(set_path, results)
+    payload = evaluation_payload(set_path, results, extra)
     csv_path = path.with_suffix(".csv")
     try:
         with atomic_path(path) as temporary:
