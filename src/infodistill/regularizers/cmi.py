@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # imported for type hints only: pools imports this module at 
 
 COMPUTE_DTYPE = torch.float64
 """The softmax/KL arithmetic runs in float64: it costs N x D elements, nothing beside a forward pass,
-and keeps the tiny KL values (about 1e-4) free of float32 cancellation noise."""
+and keeps the small KL values free of float32 cancellation noise: a real-image Fashion-MNIST set at IPC 10
+measures 4.5e-3 under instance-norm ResNet18 proxies (docs/cmi.md), and single images' KL terms go far lower."""
 
 
 def vectorise_proxies(batched: str, device: torch.device) -> bool:
