@@ -329,6 +329,18 @@ def _note(axis, text: str, keep_ticks: bool = False) -> None:
         axis.set_yticks([])
 
 
+def _finish_iteration_axes(figure, axis, path: Path, drawn: bool, ylabel: str, note: str, title: str) -> None:
+    """Label an against-the-iteration plot (or put ``note`` on it when nothing was drawn), title it, save it."""
+    if drawn:
+        axis.set_xlabel("iteration")
+        axis.set_ylabel(ylabel)
+        axis.legend(fontsize="small")
+    else:
+        _note(axis, note)
+    axis.set_title(title)
+    _save(figure, path)
+
+
 def _colours(records: Sequence[RunRecord]) -> dict[int, str]:
     """One colour per record (keyed by ``id``), the same in every figure."""
     return {id(record): f"C{index % 10}" for index, record in enumerate(records)}
@@ -380,14 +392,7 @@ def _plot_cmi(runs: Sequence[RunRecord], colours: dict[int, str], path: Path) ->
         held_xs, held_ys = record.series("monitor/cmi_heldout")
         if held_xs:
             axis.plot(held_xs, held_ys, linestyle="--", color=colours[id(record)], label=f"{record.name} (held out)")
-    if drawn:
-        axis.set_xlabel("iteration")
-        axis.set_ylabel("CMI")
-        axis.legend(fontsize="small")
-    else:
-        _note(axis, NO_CMI_NOTE)
-    axis.set_title("class-aware CMI of the set")
-    _save(figure, path)
+    _finish_iteration_axes(figure, axis, path, drawn, "CMI", NO_CMI_NOTE, "class-aware CMI of the set")
 
 
 def _plot_accuracy(runs: Sequence[RunRecord], baselines: Sequence[RunRecord], colours: dict[int, str],
@@ -434,14 +439,8 @@ def _plot_convergence(arms: Sequence[Arm], path: Path) -> None:
         axis.plot(xs, means, marker="o", markersize=3, color=colour, label=f"{arm.name} ({len(arm.seeds)} seeds)")
         axis.fill_between(xs, lows, highs, color=colour, alpha=0.2, linewidth=0)
         drawn = True
-    if drawn:
-        axis.set_xlabel("iteration")
-        axis.set_ylabel("test accuracy (%), 95 % band")
-        axis.legend(fontsize="small")
-    else:
-        _note(axis, NO_ACCURACY_NOTE)
-    axis.set_title("accuracy during distillation, by arm")
-    _save(figure, path)
+    _finish_iteration_axes(figure, axis, path, drawn, "test accuracy (%), 95 % band", NO_ACCURACY_NOTE,
+                           "accuracy during distillation, by arm")
 
 
 def class_grid(distilled: DistilledSet, per_class: int = GRID_PER_CLASS):
