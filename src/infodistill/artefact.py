@@ -26,7 +26,7 @@ from torchvision.utils import make_grid, save_image
 
 from infodistill import __version__
 from infodistill.errors import UserInputError
-from infodistill.files import atomic_path
+from infodistill.files import atomic_path, atomic_paths
 
 STORED_PREFIX = "stored."
 
@@ -213,8 +213,8 @@ def grid_path_for(artefact_path: str | Path) -> Path:
     return Path(artefact_path).with_suffix(".png")
 
 
-def save_grid(distilled: DistilledSet, path: str | Path) -> Path:
-    """Write a PNG grid of the images, one row per class (classes in label order)."""
+def _grid_image(distilled: DistilledSet) -> torch.Tensor:
+    """The PNG grid's image: the set's images, one row per class (classes in label order)."""
     order = torch.argsort(distilled.labels, stable=True)
     counts = torch.bincount(distilled.labels, minlength=distilled.num_classes)
     per_row = int(counts.max())
@@ -226,9 +226,13 @@ def save_grid(distilled: DistilledSet, path: str | Path) -> Path:
             blank = torch.ones(per_row - len(members), *images.shape[1:])
             rows.append(torch.cat([members, blank]))
         images = torch.cat(rows)
-    grid = make_grid(images, nrow=per_row, padding=1, pad_value=1.0)
+    return make_grid(images, nrow=per_row, padding=1, pad_value=1.0)
+
+
+def save_grid(distilled: DistilledSet, path: str | Path) -> Path:
+    """Write a PNG grid of the images, one row per class (classes in label order)."""
     with atomic_path(path) as temporary:
-        save_image(grid, temporary, format="png")
+        save_image(_grid_image(distilled), temporary, format="png")
     return Path(path)
 
 
@@ -236,11 +240,17 @@ def save_set(distilled: DistilledSet, path: str | Path, grid: bool = True) -> Pa
     """Write the artefact atomically (and its PNG grid); return the artefact path."""
     distilled.validate(f"artefact '{path}'")
     path = Path(path)
+    targets = [path, grid_path_for(path)] if grid else [path]
     try:
-        with atomic_path(path) as temporary:
-            save_file(distilled.tensors(), str(temporary), metadata=distilled.metadata.to_strings())
-        if grid:
-            save_grid(distilled, grid_path_for(path))
+        with atomic_paths(*targets) as temporaries:  # the old set and its PNG stay until both new files are written
+            for target, temporary in zip(targets, temporaries):
+                try:
+                    if target == path:
+                        save_file(distilled.tensors(), str(temporary), metadata=distilled.metadata.to_strings())
+                    else:
+                        save_image(_grid_image(distilled), temporary, format="png")
+                except OSError as error:
+                    raise UserInputError(f"cannot write '{target}': {error.strerror or error}") from None
     except OSError as error:
         raise UserInputError(f"cannot write '{path}': {error.strerror or error}") from None
     return path

@@ -39,7 +39,7 @@ from infodistill.config import check_seed
 from infodistill.data import ClassSampler, DatasetInfo, RealData
 from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
-from infodistill.files import atomic_path
+from infodistill.files import atomic_paths
 from infodistill.models import build_model, model_names_help, parse_model_name
 from infodistill.parallel import ProcessGroup, all_gather_objects, rank_device
 from infodistill.precision import autocast_context, check_precision, resolve_precision, to_fp32
@@ -582,18 +582,21 @@ def write_evaluation(path: str | Path, set_path: str | Path, results: Sequence[E
         raise UserInputError(f"evaluation output '{path}' must end in .json")
     payload = evaluation_payload(set_path, results, extra)
     csv_path = path.with_suffix(".csv")
+    written = path
     try:
-        with atomic_path(path) as temporary:
-            temporary.write_text(json.dumps(payload, indent=2) + "\n")
-        with atomic_path(csv_path) as temporary, temporary.open("w", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(CSV_COLUMNS)
-            for result in results:
-                writer.writerow([result.model, repr(result.mean), repr(result.std), len(result.accuracies),
-                                 result.epochs, result.labels, result.recipe,
-                                 ";".join(repr(float(accuracy)) for accuracy in result.accuracies)])
+        # the old pair stays until both new files are written
+        with atomic_paths(path, csv_path) as (json_temporary, csv_temporary):
+            json_temporary.write_text(json.dumps(payload, indent=2) + "\n")
+            written = csv_path
+            with csv_temporary.open("w", newline="") as handle:
+                writer = csv.writer(handle, lineterminator="\n")
+                writer.writerow(CSV_COLUMNS)
+                for result in results:
+                    writer.writerow([result.model, repr(result.mean), repr(result.std), len(result.accuracies),
+                                     result.epochs, result.labels, result.recipe,
+                                     ";".join(repr(float(accuracy)) for accuracy in result.accuracies)])
     except OSError as error:
-        raise UserInputError(f"cannot write '{path}': {error.strerror or error}") from None
+        raise UserInputError(f"cannot write '{written}': {error.strerror or error}") from None
     return path, csv_path
 
 

@@ -42,23 +42,38 @@ def _create_temporary(final_path: Path) -> Path:
 def atomic_path(final_path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final_path``; rename it into place only if the block succeeds. A file
     that replaces an existing one keeps that file's mode; a new one has the mode the umask allows."""
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _create_temporary(final_path)
+    with atomic_paths(final_path) as (temporary,):
+        yield temporary
+
+
+@contextlib.contextmanager
+def atomic_paths(*final_paths: str | Path) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for a result made of several files (an artefact and its PNG, evaluation.json and
+    its CSV): one temporary path per file; only once the block has written every one are they renamed into
+    place (in the order given, each rename atomic), so a failure while writing any of them leaves every old
+    file as it was and no new one beside it."""
+    finals = [Path(path) for path in final_paths]
+    temporaries: list[Path] = []
     try:
+        for final in finals:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            temporaries.append(_create_temporary(final))
         # the mode open() gives a new file here, read before the block: writers such as safetensors may
         # recreate the file 0600
-        mode = stat.S_IMODE(os.stat(temporary).st_mode)
-        yield temporary
-        try:
-            mode = stat.S_IMODE(os.stat(final_path).st_mode)
-        except FileNotFoundError:
-            pass  # a new file
-        os.chmod(temporary, mode)
-        os.replace(temporary, final_path)
+        modes = [stat.S_IMODE(os.stat(temporary).st_mode) for temporary in temporaries]
+        yield list(temporaries)
+        for final, temporary, mode in zip(finals, temporaries, modes):
+            try:
+                mode = stat.S_IMODE(os.stat(final).st_mode)
+            except FileNotFoundError:
+                pass  # a new file
+            os.chmod(temporary, mode)
+        for final, temporary in zip(finals, temporaries):
+            os.replace(temporary, final)
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        for temporary in temporaries:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
 
 
 LOCK_NAME = ".infodistill.lock"
