@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -162,17 +162,42 @@ class DatasetSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    """The bytes of ``path``, decompressed when its name ends in ``.gz``."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-        raise UserInputError(f"IDX file {path} is not a complete gzip file ({error})") from error
-    except OSError as error:
-        raise UserInputError(f"cannot read IDX file {path}: {error.strerror or error}") from error
+MAX_IDX_BYTES = 1 << 32
+"""The largest IDX payload read (4 GiB; the largest real one, EMNIST's, is under 1 GiB): a header claiming more
+is refused before anything is decompressed."""
+
+
+def _open_maybe_gzip(path: Path) -> IO[bytes]:
+    """``path`` opened for reading bytes, through gzip when its name ends in ``.gz``."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_idx_stream(path: Path, handle: IO[bytes], expected_magic: int) -> tuple[tuple[int, ...], bytes]:
+    """The shape in the header and exactly the payload it announces, read from ``handle``: the header is
+    checked first, so a small compressed file that expands to gigabytes is refused after a few bytes."""
+    head = handle.read(4)
+    if len(head) < 4:
+        raise UserInputError(f"IDX file {path} is truncated: {len(head)} bytes, shorter than the 4-byte magic number")
+    magic = int.from_bytes(head, "big")
+    if magic != expected_magic:
+        raise UserInputError(f"IDX file {path} has magic number 0x{magic:08x}; expected 0x{expected_magic:08x}")
+    ndim = magic & 0xFF
+    sizes = handle.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise UserInputError(
+            f"IDX file {path} is truncated inside its header ({4 + len(sizes)} of {4 + 4 * ndim} bytes)")
+    shape = tuple(int.from_bytes(sizes[4 * i : 4 + 4 * i], "big") for i in range(ndim))
+    expected = math.prod(shape)
+    if expected > MAX_IDX_BYTES:
+        raise UserInputError(f"IDX file {path} announces shape {list(shape)}: {expected} bytes, more than the "
+                             f"{MAX_IDX_BYTES} this reader accepts")
+    payload = handle.read(expected + 1)  # one byte more tells a file longer than its header says
+    if len(payload) != expected:
+        problem = "truncated" if len(payload) < expected else "longer than its header says"
+        found = len(payload) if len(payload) < expected else "more"
+        raise UserInputError(f"IDX file {path} is {problem}: shape {list(shape)} needs {expected} data bytes, "
+                             f"found {found}")
+    return shape, payload
 
 
 def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
@@ -182,27 +207,14 @@ def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
     followed by D big-endian 32-bit sizes; the payload must hold exactly their product of bytes.
     """
     path = Path(path)
-    raw = _read_maybe_gzip(path)
-    if len(raw) < 4:
-        raise UserInputError(f"IDX file {path} is truncated: {len(raw)} bytes, shorter than the 4-byte magic number")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != expected_magic:
-        raise UserInputError(
-            f"IDX file {path} has magic number 0x{magic:08x}; expected 0x{expected_magic:08x}"
-        )
-    ndim = magic & 0xFF
-    header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
-        raise UserInputError(f"IDX file {path} is truncated inside its header ({len(raw)} of {header_size} bytes)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    payload = len(raw) - header_size
-    expected = math.prod(shape)
-    if payload != expected:
-        problem = "truncated" if payload < expected else "longer than its header says"
-        raise UserInputError(
-            f"IDX file {path} is {problem}: shape {list(shape)} needs {expected} data bytes, found {payload}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
+    try:
+        with _open_maybe_gzip(path) as handle:
+            shape, payload = _read_idx_stream(path, handle, expected_magic)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise UserInputError(f"IDX file {path} is not a complete gzip file ({error})") from error
+    except OSError as error:
+        raise UserInputError(f"cannot read IDX file {path}: {error.strerror or error}") from error
+    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
 
 
 _IDX_FILES = {
