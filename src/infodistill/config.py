@@ -37,15 +37,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except UserInputError as error:
                 errors.append(str(error))
-        raise UserInputError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+        raise UserInputError(errors[0] if errors else f"config key '{key}': bad value {_shown(value)}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise UserInputError(f"config key '{key}': {value!r} is not a boolean (use true or false)")
+        raise UserInputError(f"config key '{key}': {_shown(value)} is not a boolean (use true or false)")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise UserInputError(f"config key '{key}': {value!r} is not an integer")
+        raise UserInputError(f"config key '{key}': {_shown(value)} is not an integer")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
@@ -53,16 +53,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             except OverflowError:  # an integer beyond any float
                 number = math.inf
             if not math.isfinite(number):  # no setting means anything by an infinite or NaN value
-                raise UserInputError(f"config key '{key}': {value!r} is not a finite number")
+                raise UserInputError(f"config key '{key}': {_shown(value)} is not a finite number")
             return number
-        raise UserInputError(f"config key '{key}': {value!r} is not a number")
+        raise UserInputError(f"config key '{key}': {_shown(value)} is not a number")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise UserInputError(f"config key '{key}': {value!r} is not a string")
+        raise UserInputError(f"config key '{key}': {_shown(value)} is not a string")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise UserInputError(f"config key '{key}': {value!r} is not a list")
+            raise UserInputError(f"config key '{key}': {_shown(value)} is not a list")
         (item_type, *_rest) = typing.get_args(annotation)
         return tuple(_coerce(item, item_type, key) for item in value)
     return value
@@ -76,7 +76,7 @@ what numpy's seed sequences and torch's generators accept)."""
 def check_seed(value: object, name: str = "seed") -> int:
     """``value`` if it is an integer seed in 0..:data:`MAX_SEED`, else a one-line error naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise UserInputError(f"{name} must be an integer in 0..{MAX_SEED} (2**63-1), got {value!r}")
+        raise UserInputError(f"{name} must be an integer in 0..{MAX_SEED} (2**63-1), got {_shown(value)}")
     return value
 
 
@@ -93,13 +93,42 @@ def config_from_mapping(cls: type[ConfigT], values: Mapping[str, Any], source: s
     return cls(**converted)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest YAML settings file read (1 MiB; a sweep file is a few hundred bytes)."""
+
+MAX_SHOWN = 80
+"""How many characters of a bad value an error line shows."""
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to :data:`MAX_SHOWN` characters, so one bad value cannot make a huge error line."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml's safe loader refusing anchors and aliases: a settings file has no use for them, and nested
+    aliases (a 'billion laughs' file) expand to gigabytes wherever the value is printed or copied."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in settings files",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; refuse anything else in one line."""
+    """Read a YAML file that must hold a mapping; refuse anything else in one line. Files over
+    :data:`MAX_CONFIG_BYTES` and YAML aliases are refused."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"config file '{path}' does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UserInputError(f"config file '{path}' is {size} bytes; settings files are at most {MAX_CONFIG_BYTES}")
+        loaded = yaml.load(path.read_text(), Loader=_NoAliasLoader)  # a SafeLoader: no Python objects
     except (OSError, UnicodeDecodeError) as error:
         raise UserInputError(f"cannot read config file '{path}': {getattr(error, 'strerror', None) or error}") from None
     except yaml.YAMLError as error:
