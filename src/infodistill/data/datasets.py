@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import gzip
 import importlib
+import io
 import math
 import os
 import pickle
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -167,12 +168,12 @@ MAX_IDX_BYTES = 1 << 32
 is refused before anything is decompressed."""
 
 
-def _open_maybe_gzip(path: Path) -> IO[bytes]:
+def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
     """``path`` opened for reading bytes, through gzip when its name ends in ``.gz``."""
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _read_idx_stream(path: Path, handle: IO[bytes], expected_magic: int) -> tuple[tuple[int, ...], bytes]:
+def _read_idx_stream(path: Path, handle: io.BufferedIOBase, expected_magic: int) -> tuple[tuple[int, ...], bytes]:
     """The shape in the header and exactly the payload it announces, read from ``handle``: the header is
     checked first, so a small compressed file that expands to gigabytes is refused after a few bytes."""
     head = handle.read(4)
