@@ -222,3 +222,18 @@ def test_command_report_through_its_parser(tmp_path, two_runs, capsys):
     assert [row["run"] for row in printed["rows"]] == ["dm-cmi", "dm", "random"]
     with pytest.raises(SystemExit):  # --out is required
         parser.parse_args([str(with_cmi)])
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_standard_json_constants_are_refused_in_one_line(tmp_path, two_runs, constant):
+    """Python's json reads NaN/Infinity by default; no run writes them and other tools do not read them."""
+    with_cmi, without, baseline = two_runs
+    evaluation = with_cmi / "evaluation.json"
+    evaluation.write_text(evaluation.read_text().replace('"mean": 81.0', f'"mean": {constant}'))
+    with pytest.raises(UserInputError, match=f"non-standard JSON constant {constant}") as error:
+        load_runs([with_cmi])
+    assert "\n" not in str(error.value)
+    metrics = without / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"loss/dm": 3.1', f'"loss/dm": {constant}'))
+    with pytest.raises(UserInputError, match=f"line 2: holds the non-standard JSON constant {constant}"):
+        load_runs([without])

@@ -105,6 +105,12 @@ class RunRecord:
 # reading
 
 
+def _refuse_constant(name: str) -> float:
+    """``json.loads``' hook for the non-standard constants NaN, Infinity and -Infinity: refused, since the
+    library never writes them (a diverged run stops before logging) and no other JSON reader takes them."""
+    raise ValueError(f"holds the non-standard JSON constant {name}; only finite numbers are allowed")
+
+
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     lines = []
     try:
@@ -115,8 +121,10 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            parsed = json.loads(line)
-        except json.JSONDecodeError as error:
+            parsed = json.loads(line, parse_constant=_refuse_constant)
+        except ValueError as error:
+            if not isinstance(error, json.JSONDecodeError):
+                raise UserInputError(f"'{path}' line {number}: {error}") from None
             raise UserInputError(f"'{path}' line {number} is not valid JSON ({error.msg}); "
                                  "each line must be one JSON object") from None
         if not isinstance(parsed, dict):
@@ -130,11 +138,13 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def _read_evaluation(path: Path) -> dict[str, Any]:
     try:
-        loaded = json.loads(path.read_text())
+        loaded = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except (OSError, UnicodeDecodeError) as error:
         raise UserInputError(f"cannot read '{path}': {getattr(error, 'strerror', None) or error}") from None
     except json.JSONDecodeError as error:
         raise UserInputError(f"'{path}' is not valid JSON (line {error.lineno}: {error.msg})") from None
+    except ValueError as error:  # a non-standard constant
+        raise UserInputError(f"'{path}' {error}") from None
     results = loaded.get("results") if isinstance(loaded, dict) else None
     if not isinstance(results, list):
         raise UserInputError(f"'{path}' must be an object with a 'results' list (from `infodistill evaluate --out`)")
