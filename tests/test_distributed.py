@@ -166,7 +166,8 @@ def test_two_processes_evaluate_the_same_runs_as_one(striped_root, tmp_path, cap
 DYING_RANK = """
 import os
 if os.environ.get("RANK") == "1":
-    import infodistill.distill as loop
+    import importlib
+    loop = importlib.import_module("infodistill.distill")  # the package attribute is the function
     original = loop.run_iteration
 
     def run_iteration(method, terms, context, *args, **kwargs):

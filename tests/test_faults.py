@@ -129,7 +129,8 @@ SPLIT_DIVERGENCE = """
 import os
 if os.environ.get("RANK") == "1":
     import torch
-    import infodistill.distill as loop
+    import importlib
+    loop = importlib.import_module("infodistill.distill")  # the package attribute is the function
     original = loop._step
 
     def _step(optimizer, method, synthetic, average, iteration=0, group=loop.SINGLE_PROCESS):
@@ -289,7 +290,8 @@ PAUSE_AT_ITERATION_2 = """
 import os, pathlib, time
 gate = os.environ.get("FAULTS_GATE")
 if gate:
-    import infodistill.distill as loop
+    import importlib
+    loop = importlib.import_module("infodistill.distill")  # the package attribute is the function
     original = loop.MetricsLog.write
 
     def write(self, iteration, values):

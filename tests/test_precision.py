@@ -3,6 +3,7 @@ fp32 runs are the ones before the setting existed, and a run cannot change its p
 
 import contextlib
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -12,7 +13,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import infodistill.distill as distill_module
 import infodistill.methods.dm as dm_module
 from conftest import initial_pixel_images
 from infodistill.artefact import load_set, save_set
@@ -42,6 +42,8 @@ from infodistill.pools import ProxyPool, train_proxy_pool
 from infodistill.precision import autocast_context, cpu_has_native_bf16, resolve_precision
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet, build_synthetic
+
+distill_module = importlib.import_module("infodistill.distill")  # the package attribute is the function
 
 # DM matches with ConvNet-2-16 (width 16); the CMI proxies are ConvNet-1-8 (width 8): the hooks tell them apart.
 TINY = dict(model="ConvNet-2-16", batch_real=16, ipc=2, iterations=2, monitor_every=0, cmi_weight="auto")

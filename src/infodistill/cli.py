@@ -532,7 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = commands.add_parser("distill", help="distil a dataset with a method and optional CMI regularizer",
                                   description=(command_distill.__doc__ or "") + " Unset values take the method's "
-                                  "published defaults; a --config YAML file may set any of them (flags win).")
+                                  "published defaults; a --config YAML file may set any of them, and a setting given "
+                                  "both in the file and as a flag takes the flag's value (flags win). A setting that "
+                                  "none of the chosen method, parameterisation and regularizers reads is refused by "
+                                  "name (a value equal to its default is accepted).")
     distill.add_argument("--dataset", metavar="NAME", help="dataset name (default: fashion-mnist)")
     distill.add_argument("--data-root", metavar="DIR",
                          help="data root (default: $INFODISTILL_DATA or ~/.cache/infodistill/data)")

@@ -54,6 +54,7 @@ from infodistill.methods import (
     MethodDefaults,
     MethodSetup,
     method_class,
+    method_fields,
     method_settings,
 )
 from infodistill.models import parse_model_name
@@ -75,6 +76,7 @@ from infodistill.synthetic import (
     PARAMETERISATION_REGISTRY,
     SyntheticSet,
     build_synthetic,
+    parameterisation_settings,
 )
 
 log = logging.getLogger("infodistill")
@@ -91,12 +93,19 @@ SETTINGS_OF_OLDER_RUNS = {"precision": "fp32"}
 (a checkpoint without the key is compared with this value on resume)."""
 
 
-METHOD_OPTIONS = ("outer_loop", "inner_loop", "net_steps", "batch_net", "match_metric", "experts", "syn_steps",
-                  "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
-                  "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "teacher",
-                  "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight", "jitter", "dwa_rho",
-                  "dwa_steps", "trajectories")
-"""Settings that only some methods take; giving one to another method is an error."""
+LOOP_FIELDS = frozenset({
+    "dataset", "method", "ipc", "iterations", "param", "init", "model", "lr_images", "momentum_images", "optimizer",
+    "lr_schedule", "ema_decay", "zca", "cmi_weight", "mim_weight", "proxies", "held_out_proxies", "seed", "device",
+    "precision", "data_root", "checkpoint_every", "eval_every", "monitor_every", "eval_model", "eval_epochs",
+    "eval_runs",
+})
+"""``DistillConfig`` fields the loop reads in every run, whatever the method, parameterisation and regularizers
+(``cmi_weight`` and ``mim_weight`` are the switches of their regularizers). Every other field belongs to the
+parts that declare it (:func:`part_fields`); validation refuses it when it is set and no chosen part reads it."""
+
+METHOD_DEFAULT_FIELDS = ("iterations", "lr_images", "momentum_images", "batch_real", "augment", "param", "ema_decay",
+                         "init", "optimizer", "lr_schedule")
+"""The fields :meth:`DistillConfig.with_method_defaults` fills from the method's published settings."""
 
 
 class LossDiverged(RuntimeError):
@@ -239,19 +248,44 @@ class DistillConfig:
             raise UserInputError(
                 "held_out_proxies monitors the set's CMI beside the pool of --proxies: pass --proxies DIR too"
             )
-        self._check_method_options()
+        self._check_unused_settings()
         resolve_device(self.device)
         check_precision(self.precision)
 
-    def _check_method_options(self) -> None:
-        """Refuse a method-specific setting given to a method that does not use it (e.g. learned soft
-        labels' ``lr_labels`` for MTT), naming the methods that do."""
-        accepted = method_settings(method_class(self.method))
-        for name in METHOD_OPTIONS:
-            if getattr(self, name) is not None and name not in accepted:
-                users = sorted(method for method in METHOD_REGISTRY if name in method_settings(method_class(method)))
+    def _check_unused_settings(self) -> None:
+        """Refuse a setting that no chosen part reads (a method's ``lr_net`` for DM, ``rank`` for multi-formation
+        images, ``mim_temperature`` without MIM), naming the parts that do read it, instead of ignoring it.
+
+        A value equal to the field's default is never refused, nor one equal to the chosen method's published
+        setting for a field :meth:`with_method_defaults` fills (presets and the ``config.yaml`` of a finished run
+        write such values out)."""
+        resolved = self.with_method_defaults()
+        published = method_class(self.method).defaults(self.ipc)
+        chosen: dict[str, list[str]] = {"method": [self.method], "param": [str(resolved.param)],
+                                        "regularizer": _configured_regularizers(resolved)}
+        parts = part_fields()
+        for field in dataclasses.fields(self):
+            name, value = field.name, getattr(self, field.name)
+            if name in LOOP_FIELDS or value == field.default:
+                continue
+            if name in METHOD_DEFAULT_FIELDS and value == getattr(published, name):
+                continue
+            if any(name in parts[kind][part] for kind, names in chosen.items() for part in names):
+                continue
+            kind, users = next((kind, sorted(part for part, fields in by_part.items() if name in fields))
+                               for kind, by_part in parts.items() if any(name in f for f in by_part.values()))
+            if kind == "method":
                 raise UserInputError(f"{name} does not apply to method '{self.method}'; it applies to: "
-                                     f"{', '.join(users) or 'no method'}")
+                                     f"{', '.join(users)}")
+            if kind == "param":
+                raise UserInputError(f"{name} does not apply to param '{resolved.param}'; it applies to: "
+                                     f"{', '.join(users)}")
+            on = ", ".join(chosen["regularizer"]) or "none"
+            raise UserInputError(f"{name} does not apply to the regularizers on ({on}); it applies to: "
+                                 + ", ".join(f"{user} (on with {REGULARIZER_CLASSES[user].switch})" for user in users))
+        if resolved.uses_cmi and resolved.cmi_weight != "auto" and self.cmi_auto_scale != 1.0:
+            raise UserInputError(f"cmi_auto_scale does not apply to a fixed cmi_weight {resolved.cmi_weight:g}; "
+                                 "it applies to: cmi_weight 'auto'")
 
     @property
     def uses_cmi(self) -> bool:
@@ -260,10 +294,7 @@ class DistillConfig:
     def with_method_defaults(self) -> DistillConfig:
         """The same config with every unset field filled from the method's published settings."""
         defaults: MethodDefaults = method_class(self.method).defaults(self.ipc)
-        filled = {name: getattr(defaults, name) for name in ("iterations", "lr_images", "momentum_images",
-                                                             "batch_real", "augment", "param", "ema_decay", "init",
-                                                             "optimizer", "lr_schedule")
-                  if getattr(self, name) is None}
+        filled = {name: getattr(defaults, name) for name in METHOD_DEFAULT_FIELDS if getattr(self, name) is None}
         if self.cmi_weight is None and self.proxies is not None and defaults.cmi_weight is not None:
             filled["cmi_weight"] = defaults.cmi_weight
         return dataclasses.replace(self, **filled)
@@ -459,6 +490,18 @@ REGULARIZER_CLASSES: dict[str, type[Regularizer]] = {"cmi": CMIRegularizer, "mim
 
 def _configured_regularizers(config: DistillConfig) -> list[str]:
     return [name for name, enabled in (("cmi", config.uses_cmi), ("mim", config.mim_weight > 0)) if enabled]
+
+
+def part_fields() -> dict[str, dict[str, frozenset[str]]]:
+    """Per kind of part (method, param, regularizer), the ``DistillConfig`` fields each registered part reads:
+    a method's constructor settings and ``reads_from_loop``, a parameterisation's ``initialise`` settings, a
+    regularizer's ``config_fields``. Fields outside :data:`LOOP_FIELDS` are valid only for the parts listing them."""
+    names = {field.name for field in dataclasses.fields(DistillConfig)}
+    return {
+        "method": {name: method_fields(method_class(name)) & names for name in METHOD_REGISTRY},
+        "param": {name: parameterisation_settings(name) & names for name in PARAMETERISATION_REGISTRY},
+        "regularizer": {name: cls.config_fields & names for name, cls in REGULARIZER_CLASSES.items()},
+    }
 
 
 def plan_split(config: DistillConfig, world_size: int, num_classes: int) -> tuple[str, list[list[int]]]:

@@ -8,6 +8,7 @@ from infodistill.methods.base import (
     MethodDefaults,
     MethodSetup,
     method_class,
+    method_fields,
     method_settings,
     register_method,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "TrajectoryMatching",
     "gradient_distance",
     "method_class",
+    "method_fields",
     "method_settings",
     "register_method",
 ]

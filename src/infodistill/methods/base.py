@@ -217,6 +217,10 @@ class Method(ABC):
     bf16_measured: ClassVar[bool] = False
     """True when distilling with this method in bf16 was measured as fast or faster with the accuracy held
     (benchmarks/bench_precision.py): ``precision: auto`` then computes it in bf16 on CPUs with native bf16."""
+    reads_from_loop: ClassVar[frozenset[str]] = frozenset({"augment"})
+    """``DistillConfig`` fields the method reads through the loop rather than its constructor: ``augment``
+    (the DSA in ``context.augment``). A method that never reads ``context.augment`` sets ``frozenset()``, so
+    that ``--augment`` given to it is refused instead of ignored (:func:`method_fields`)."""
     resumable_with_other_process_count: ClassVar[bool] = True
     """False when a checkpoint of this method is only valid for the process count that wrote it (a
     decomposition whose state is not the full set); resuming with another count is then refused."""
@@ -296,3 +300,9 @@ def method_settings(cls: Any) -> set[str]:
         if not any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values()):
             break
     return names
+
+
+def method_fields(cls: Any) -> frozenset[str]:
+    """Every setting a method reads: its constructor's settings (:func:`method_settings`) and the fields it
+    reads through the loop (``reads_from_loop``). Validation refuses a method-specific setting outside it."""
+    return frozenset(method_settings(cls)) | cls.reads_from_loop

@@ -218,6 +218,7 @@ class SRe2L(Method):
 
     reads_real_data = False
     clips_to_pixel_range = True
+    reads_from_loop = frozenset()  # its own jitter/flip augmentation, never the loop's DSA
     process_split = "images"
     """Split by image: the loss is a sum over batches, and batch j holds the j-th image of every class
     only, so process r recovers the batches of its positions (``docs/distributed.md``)."""

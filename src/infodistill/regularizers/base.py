@@ -12,6 +12,11 @@ class Regularizer(ABC):
     """A loss term over labelled synthetic images, independent of the distillation method."""
 
     name: str = "regularizer"
+    config_fields: ClassVar[frozenset[str]] = frozenset()
+    """The ``DistillConfig`` fields this regularizer reads beside its weight: validation refuses one that is
+    set while the regularizer is off, instead of ignoring it."""
+    switch: ClassVar[str] = ""
+    """How a config turns the regularizer on, for error messages (e.g. ``"mim_weight > 0"``)."""
     class_decomposable: ClassVar[bool] = False
     """True when the loss over the whole set is a sum of per-class parts, each depending only on its
     class's images, so that a run split over processes can compute it class by class (:meth:`class_share`)."""

@@ -173,6 +173,8 @@ class CMIRegularizer(Regularizer):
     """
 
     name = "cmi"
+    config_fields = frozenset({"cmi_every", "cmi_proxies_per_step", "cmi_auto_scale"})
+    switch = "cmi_weight > 0 or 'auto'"
 
     def __init__(
         self, pool: ProxyPool, proxies_per_step: int = 1, per_class: bool = False, batched: str = "auto"

@@ -177,6 +177,8 @@ class MIMRegularizer(Regularizer):
     """
 
     name = "mim"
+    config_fields = frozenset({"mim_temperature", "mim_layers", "mim_real_per_class", "mim_lr"})
+    switch = "mim_weight > 0"
 
     def __init__(
         self,

@@ -4,6 +4,7 @@ from infodistill.synthetic.base import (
     PARAMETERISATION_REGISTRY,
     SyntheticSet,
     build_synthetic,
+    parameterisation_settings,
     register_parameterisation,
 )
 
@@ -12,4 +13,4 @@ from infodistill.synthetic.multi import MultiFormationSet  # isort: skip
 from infodistill.synthetic.lowrank import LowRankSet  # isort: skip
 
 __all__ = ["INITS", "LowRankSet", "PARAMETERISATION_REGISTRY", "MultiFormationSet", "PixelSet", "SyntheticSet",
-           "build_synthetic", "register_parameterisation"]
+           "build_synthetic", "parameterisation_settings", "register_parameterisation"]

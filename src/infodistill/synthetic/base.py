@@ -96,3 +96,14 @@ def build_synthetic(name: str, sampler: Any, ipc: int, init: str, generator: tor
     accepted = inspect.signature(initialise).parameters
     chosen = {key: value for key, value in settings.items() if key in accepted and value is not None}
     return initialise(sampler, ipc, init, generator, **chosen)
+
+
+INITIALISE_ARGUMENTS = ("sampler", "images_per_class", "init", "generator")
+"""The arguments every parameterisation's ``initialise`` takes; the ones after them are its settings."""
+
+
+def parameterisation_settings(name: str) -> frozenset[str]:
+    """The settings parameterisation ``name`` reads (its ``initialise``'s arguments beyond the common ones,
+    e.g. ``rank``): validation refuses them for another parameterisation instead of ignoring them."""
+    parameters = inspect.signature(PARAMETERISATION_REGISTRY[name]).parameters
+    return frozenset(parameters) - set(INITIALISE_ARGUMENTS)
