@@ -9,8 +9,8 @@ of IPC 1), and each +CMI or +MIM set with its base method.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
@@ -25,7 +25,12 @@ BASE_METHOD = {"dm+mim": "dm-ipc10", "sre2l+cmi1": "sre2l", "dwa+cmi1": "dwa"}
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-trajectory")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", default="runs/bench-trajectory", help="the runs' folder")
+    parser.add_argument("benchmark", nargs="?", default="trajectory_and_idc_accuracy",
+                        help="the benchmark name the summary records")
+    args = parser.parse_args()
+    out = Path(args.out)
     results = {}
     for path in sorted(out.glob("eval-*.json")):
         evaluation = json.loads(path.read_text())
@@ -48,7 +53,7 @@ def main() -> None:
         if name != base and name in results and base in results:
             term = name.rsplit("+", 1)[1].rstrip("0123456789")
             comparisons[name][f"{term}_gain_points"] = round(results[name]["mean"] - results[base]["mean"], 2)
-    benchmark = sys.argv[2] if len(sys.argv) > 2 else "trajectory_and_idc_accuracy"
+    benchmark = args.benchmark
     emit_json({"benchmark": benchmark, "results": results, "comparisons": comparisons}, str(out / "summary.json"))
 
 
