@@ -545,14 +545,14 @@ CMI_TARGET_RATIOS: dict[str, dict[int, float]] = {
     "dm": {10: 0.44, 50: 0.29},
     "dsa": {10: 1.46},
     "dc": {10: 1.46},
-    "idc": {10: 0.033},
+    "idc": {10: 0.024},
 }
 """'auto''s target ratio ||lambda * grad CMI(S_0)|| / ||grad L_method(S_0)|| per method and IPC: the ratio the
 paper's lambda (DM 8000 / 2000 at IPC 10 / 50, DSA 5e4, IDC 100 per class) gives on the initial set under a
 pool of the paper's proxies (instance-norm ResNet18, 512-d pooled), measured on Fashion-MNIST at the paper's
 256 real images per class with ``benchmarks/bench_cmi_calibration.py`` (docs/cmi.md, which gives the pool and
-each figure). DM at IPC 10 / 50: 0.44 / 0.29, DSA at IPC 10: 1.46 (4 ResNet18-IN, 82.8-83.5 % test accuracy);
-IDC's comes from an earlier measurement whose pool was not recorded. DC takes DSA's ratio (the paper
+each figure). DM at IPC 10 / 50: 0.44 / 0.29, DSA at IPC 10: 1.46, IDC at IPC 10: 0.024 (4 ResNet18-IN,
+82.8-83.5 % test accuracy). DC takes DSA's ratio (the paper
 gives both one lambda); methods without a published lambda take DM's; the nearest measured IPC is used (the
 smaller on a tie)."""
 
