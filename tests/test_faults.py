@@ -535,3 +535,26 @@ def test_an_out_in_a_folder_this_user_cannot_write_is_refused(striped_root, tmp_
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
+
+
+def test_a_checkpoint_without_its_optimiser_state_is_refused_on_resume(real, tmp_path, monkeypatch, capsys):
+    """Promise: a resume continues the run exactly or is refused. DM steps the images with SGD momentum 0.5,
+    so a checkpoint after two iterations must carry the momentum; one stripped of it would resume inexactly."""
+    from safetensors.torch import save_file
+
+    from conftest import run_killed_after_iteration
+
+    config = DistillConfig(method="dm", model="ConvNet-1-8", batch_real=4, ipc=2, iterations=4, checkpoint_every=2)
+    run_dir = tmp_path / "run"
+    run_killed_after_iteration(2, config, run_dir, real, monkeypatch)
+    checkpoint = run_dir / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert any(key.startswith("momentum.") for key in tensors)  # what the stripped file lacks
+    save_file({key: value for key, value in tensors.items() if not key.startswith(("momentum.", "optimizer."))},
+              str(checkpoint), metadata=metadata)
+    before = checkpoint.read_bytes()
+    with pytest.raises(UserInputError, match="holds no optimiser state .* after 2 iterations"):
+        distill(config, run_dir, resume=True, progress=False, real=real)
+    assert checkpoint.read_bytes() == before and not (run_dir / "set.safetensors").exists()

@@ -887,6 +887,13 @@ def _checkpoint_tensors(synthetic: SyntheticSet, optimizer: torch.optim.Optimize
     return tensors
 
 
+def _stateful(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` keeps state between steps that a checkpoint must carry (SGD with momentum, Adam)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return any(group.get("momentum", 0) for group in optimizer.param_groups)
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
 _STATE_PREFIXES = {"momentum_buffer": "momentum"}
 """Checkpoint prefix of an optimiser state entry (SGD's momentum; Adam's moments go under ``optimizer.<key>``)."""
 
@@ -945,6 +952,10 @@ def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
     if written_by != processes and not method_class(config.method).resumable_with_other_process_count:
         raise UserInputError(f"cannot resume '{files.root}' in {processes} process(es): method '{config.method}' "
                              f"must resume with the {written_by} process(es) that wrote the checkpoint")
+    if iteration > 0 and _stateful(optimizer) and not any(
+            name.startswith(("momentum.", "optimizer.")) for name in tensors):
+        raise UserInputError(f"checkpoint '{path}' holds no optimiser state (momentum or moments) after {iteration} "
+                             "iterations; resuming from it would not continue the run exactly: run afresh")
     state = {name[len("synthetic."):]: value for name, value in tensors.items() if name.startswith("synthetic.")}
     try:
         synthetic.load_state_dict(state, strict=True)
