@@ -5,7 +5,7 @@ the same evaluation seeds (a paired comparison), and each set's CMI under the op
 held-out pool of other seeds. Prints one JSON object (and writes it with --out).
 
     python benchmarks/paper_scale_cmi.py --device cuda --work runs/paper-scale --out paper-scale.json
-    python benchmarks/paper_scale_cmi.py --tiny --work /tmp/paper-scale      # every step, tiny, on a CPU
+    python benchmarks/paper_scale_cmi.py --tiny --work runs/paper-scale-tiny  # every step, tiny, on a CPU
 
 Every step is resumable: the pools are topped up, a finished distillation is reused (an interrupted one
 resumes from its checkpoint), so the script can be run again after an interruption. ``--budget-seconds``
