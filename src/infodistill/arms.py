@@ -68,11 +68,7 @@ class Arm:
 
     def final_value(self, key: str) -> float | None:
         """The mean over the arm's runs of the last finite value logged under ``key`` (None if none logged)."""
-        finals = []
-        for record in self.runs:
-            values = [value for value in record.series(key)[1] if math.isfinite(value)]
-            if values:
-                finals.append(values[-1])
+        finals = [value for value in (record.last_value(key) for record in self.runs) if value is not None]
         return sum(finals) / len(finals) if finals else None
 
 

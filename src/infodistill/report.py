@@ -92,12 +92,17 @@ class RunRecord:
             return None
         return self.evaluation["results"][0]
 
+    def last_value(self, key: str) -> float | None:
+        """The last finite value logged under ``key`` (None if none was)."""
+        values = [value for value in self.series(key)[1] if math.isfinite(value)]
+        return values[-1] if values else None
+
     def final_cmi(self) -> tuple[float | None, str | None]:
         """The last logged ``monitor/cmi``, else the last ``loss/cmi``; with the key it came from."""
         for key in ("monitor/cmi", "loss/cmi"):
-            values = [value for value in self.series(key)[1] if math.isfinite(value)]
-            if values:
-                return values[-1], key
+            value = self.last_value(key)
+            if value is not None:
+                return value, key
         return None, None
 
 
