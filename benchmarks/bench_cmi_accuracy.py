@@ -19,9 +19,11 @@ import torch
 from infodistill.artefact import load_set, save_set
 from infodistill.data import ClassSampler, load_dataset
 from infodistill.distill import CALIBRATION_STREAM, DistillConfig, build_method, distill, make_context
-from infodistill.evaluate import EvalConfig, evaluate_set, random_subset
-from infodistill.pools import ProxyPool, proxy_files, train_proxy_pool
+from infodistill.evaluate import evaluate_set, random_subset
+from infodistill.proxies import ProxyPool, proxy_files, train_proxy_pool
+from infodistill.regularizers import pool_cmi
 from infodistill.synthetic import PixelSet
+from infodistill.training import EvalConfig
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 PAPER_DM_LAMBDAS = {"cifar10-ipc10": 8000.0, "cifar100-ipc10": 2000.0, "svhn-ipc10": 18000.0}
@@ -79,14 +81,14 @@ def main() -> None:
     initial = PixelSet.initialise(sampler, args.ipc, "real", torch.Generator().manual_seed(0))
     context = make_context(filled, 0, initial, sampler, real, None, torch.device("cpu"), CALIBRATION_STREAM)
     first_loss = float(next(build_method(filled).iteration(context)).detach())
-    initial_cmi = float(pool.cmi(initial.images().detach(), initial.labels, real.info.num_classes).mean())
+    initial_cmi = float(pool_cmi(pool, initial.images().detach(), initial.labels, real.info.num_classes).mean())
 
     evaluation = EvalConfig(runs=args.eval_runs, epochs=args.eval_epochs, seed=args.seed)
     rows = {}
     for name, path in sets.items():
         distilled = load_set(path)
         result = evaluate_set(distilled, real, evaluation)
-        cmi = pool.cmi(distilled.images, distilled.labels, real.info.num_classes)
+        cmi = pool_cmi(pool, distilled.images, distilled.labels, real.info.num_classes)
         rows[name] = {"mean": round(result.mean, 2), "std": round(result.std, 2), "accuracies": result.accuracies,
                       "cmi_mean": float(cmi.mean()), "cmi_std": float(cmi.std(unbiased=False)),
                       "cmi_weight": distilled.metadata.regularizers.get("cmi"),

@@ -31,8 +31,8 @@ from infodistill.distill import (
     make_context,
     run_precision,
 )
-from infodistill.pools import ProxyPool
-from infodistill.regularizers import CMIRegularizer
+from infodistill.proxies import ProxyPool
+from infodistill.regularizers import CMIRegularizer, pool_cmi
 
 OLD_AUTO_FRACTION = 0.1
 """The former 'auto' rule: lambda * CMI(S_0) = 0.1 * L(S_0)."""
@@ -68,7 +68,7 @@ def measure(args: argparse.Namespace) -> dict:
                 "loss_fraction": weight * cmi / loss}
 
     with torch.no_grad():
-        per_proxy = pool.cmi(parts.synthetic.images(), parts.synthetic.labels, real.info.num_classes)
+        per_proxy = pool_cmi(pool, parts.synthetic.images(), parts.synthetic.labels, real.info.num_classes)
     return {
         "benchmark": "cmi_calibration", "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -23,7 +23,7 @@ import torch
 from infodistill.augment import DSA
 from infodistill.distill import DistillConfig, RegularizerTerm, build_method, make_context, run_iteration
 from infodistill.models import build_model
-from infodistill.pools import ProxyPool
+from infodistill.proxies import ProxyPool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
 from report import emit_json, fashion_mnist_sampler, speed_parser, timed_round_robin  # benchmarks/report.py

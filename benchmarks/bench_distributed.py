@@ -43,7 +43,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from infodistill.data import load_dataset
-from infodistill.pools import train_experts, train_proxy_pool
+from infodistill.experts import train_experts
+from infodistill.proxies import train_proxy_pool
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 PROCESSES = (1, 2)

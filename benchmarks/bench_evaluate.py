@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from infodistill.data import load_dataset
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, random_subset, run_seeds, train_from_scratch
+from infodistill.evaluate import random_subset
 from infodistill.models import build_model
+from infodistill.training import EvalConfig, run_seeds, train_from_scratch
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 

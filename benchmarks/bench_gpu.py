@@ -57,12 +57,14 @@ from infodistill import __version__
 from infodistill.data import ClassSampler, RealData, dataset_info, load_dataset
 from infodistill.distill import DistillConfig, RegularizerTerm, build_run_parts, make_context, run_iteration
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, random_subset, run_seeds, train_from_scratch
+from infodistill.evaluate import random_subset
+from infodistill.experts import train_experts
 from infodistill.methods import DistributionMatching
 from infodistill.models import build_model
-from infodistill.pools import ProxyPool, train_experts, train_proxy_pool
+from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
+from infodistill.training import EvalConfig, run_seeds, train_from_scratch
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 ITEMS = (

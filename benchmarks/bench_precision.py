@@ -29,11 +29,12 @@ import torch
 from infodistill.artefact import load_set
 from infodistill.augment import DSA
 from infodistill.distill import DistillConfig, RegularizerTerm, build_method, distill, make_context, run_iteration
-from infodistill.evaluate import EvalConfig, evaluate_set, random_subset
-from infodistill.pools import ProxyPool, train_proxy_pool
+from infodistill.evaluate import evaluate_set, random_subset
 from infodistill.precision import COMPUTE_PRECISIONS as PRECISIONS
+from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
 from infodistill.synthetic import PixelSet
+from infodistill.training import EvalConfig
 from report import emit_json, fashion_mnist_sampler, speed_parser, timed_round_robin  # benchmarks/report.py
 
 ACCURACY_TOLERANCE_POINTS = 0.5

@@ -25,7 +25,7 @@ from infodistill.distill import (
     make_context,
     run_iteration,
 )
-from infodistill.pools import train_proxy_pool
+from infodistill.proxies import train_proxy_pool
 from report import emit_json, fashion_mnist_sampler, speed_parser, timed_round_robin
 
 

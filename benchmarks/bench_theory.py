@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from infodistill.theory import TheoryConfig, quick_config, run_theory, setting_students, setting_task, train_student
+from infodistill.experiments.theory import run_theory, setting_students, setting_task
+from infodistill.experiments.theory_maths import TheoryConfig, quick_config, train_student
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 

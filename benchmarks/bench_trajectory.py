@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from infodistill.distill import DistillConfig, RegularizerTerm, build_run_parts, make_context, run_iteration
+from infodistill.experts import train_experts
 from infodistill.models import build_model
-from infodistill.pools import ProxyPool, train_experts
+from infodistill.proxies import ProxyPool
 from infodistill.regularizers import CMIRegularizer
 from report import emit_json, fashion_mnist_sampler  # benchmarks/report.py (scripts run from this folder)
 

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 
 from infodistill.artefact import load_set
-from infodistill.comparison import paired_difference, t_interval
 from infodistill.data import load_dataset
 from infodistill.distill import DistillConfig, distill
-from infodistill.evaluate import EvalConfig, evaluate_set
-from infodistill.pools import ProxyPool, train_proxy_pool
+from infodistill.evaluate import evaluate_set
+from infodistill.experiments.comparison import paired_difference, t_interval
+from infodistill.proxies import ProxyPool, train_proxy_pool
+from infodistill.regularizers import pool_cmi
+from infodistill.training import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         result = evaluate_set(distilled, real, evaluation, progress=not args.quiet)
         _timed(steps, f"evaluate {name}", started)
-        in_sample = pool.cmi(distilled.images.to(device), distilled.labels.to(device), real.info.num_classes)
-        unseen = held_out.cmi(distilled.images.to(device), distilled.labels.to(device), real.info.num_classes)
+        in_sample = pool_cmi(pool, distilled.images.to(device), distilled.labels.to(device), real.info.num_classes)
+        unseen = pool_cmi(held_out, distilled.images.to(device), distilled.labels.to(device), real.info.num_classes)
         scores[name] = {args.seed: dict(zip(result.seeds, result.accuracies))}
         results[name] = {"accuracy": t_interval(result.accuracies, "evaluation run").to_dict(),
                          "accuracies": result.accuracies, "cmi": float(in_sample.mean()),

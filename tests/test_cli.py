@@ -229,7 +229,7 @@ def test_a_random_subset_relabelled_by_the_teacher_is_the_fair_baseline_of_a_rel
                                                                                             capsys):
     from infodistill.data import load_dataset
     from infodistill.evaluate import random_subset
-    from infodistill.pools import ProxyPool
+    from infodistill.proxies import ProxyPool
 
     teacher = tmp_path / "teacher"
     run(capsys, "proxies", "--arch", "ConvNet-1-8-bn", "--count", "1", "--epochs", "1", "--out", str(teacher), "--json")

@@ -9,8 +9,8 @@ import torch
 from infodistill.data import DatasetInfo
 from infodistill.errors import UserInputError
 from infodistill.models import build_model
-from infodistill.pools import ProxyPool
-from infodistill.regularizers import CMIRegularizer, cmi_from_features, cmi_per_proxy, empirical_cmi
+from infodistill.proxies import ProxyPool
+from infodistill.regularizers import CMIRegularizer, cmi_from_features, cmi_per_proxy, empirical_cmi, pool_cmi
 
 INFO = DatasetInfo(name="tiny", channels=1, image_size=(8, 8), num_classes=3, class_names=("a", "b", "c"),
                    mean=(0.5,), std=(0.25,))
@@ -176,7 +176,7 @@ def test_pool_cmi_gives_every_proxys_value_whatever_the_chunking():
     images, labels = tiny_images(10)
     expected = torch.stack([empirical_cmi(model, images, labels, 3) for model in models]).detach()
     for chunk, image_batch, batched in ((16, 512, "on"), (2, 3, "on"), (1, 1, "on"), (16, 4, "off"), (3, 512, "auto")):
-        values = pool.cmi(images, labels, 3, chunk=chunk, image_batch=image_batch, batched=batched)
+        values = pool_cmi(pool, images, labels, 3, chunk=chunk, image_batch=image_batch, batched=batched)
         assert not values.requires_grad
         torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-9)
 

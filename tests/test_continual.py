@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from infodistill import continual
 from infodistill.artefact import load_set
-from infodistill.continual import (
+from infodistill.errors import UserInputError
+from infodistill.experiments import continual
+from infodistill.experiments.continual import (
     FIGURE_NAME,
     JSON_NAME,
     SETTINGS_NAME,
@@ -25,7 +26,6 @@ from infodistill.continual import (
     run_continual,
     split_steps,
 )
-from infodistill.errors import UserInputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ContinualConfig(method="dm", ipc=1, iterations=2, epochs=2, steps=5, orders=2, model="ConvNet-3-8",

@@ -15,7 +15,7 @@ from infodistill.artefact import load_set
 from infodistill.cli import main
 from infodistill.coresets import SELECTION_RULES, herding_class, kcenter_class, select_indices
 from infodistill.errors import UserInputError
-from infodistill.pools import ProxyPool, train_proxy_pool
+from infodistill.proxies import ProxyPool, train_proxy_pool
 
 # Five 2-D points of one class; their mean is (10.2 / 5, 3 / 5) = (2.04, 0.6).
 POINTS = torch.tensor([[0.0, 0.0], [4.0, 0.0], [1.0, 0.0], [3.2, 0.0], [2.0, 3.0]])

@@ -11,7 +11,6 @@ from infodistill import evaluate as evaluate_module
 from infodistill.cli import main
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
-    EvalConfig,
     EvalResult,
     evaluate_models,
     evaluate_set,
@@ -19,6 +18,7 @@ from infodistill.evaluate import (
     random_subset,
     write_evaluation,
 )
+from infodistill.training import EvalConfig
 
 MODELS = ["ConvNet-3-8", "ConvNet-2-8"]
 BUDGET = ["--runs", "2", "--epochs", "1"]

@@ -33,12 +33,13 @@ from torch import Tensor
 
 from infodistill.augment import DSA, FAMILIES, DSAConfig
 from infodistill.data import ClassSampler, RealData
-from infodistill.evaluate import EvalConfig, run_seeds, train_from_scratch
+from infodistill.experts import train_experts
 from infodistill.methods import DistillContext, DistributionMatching, MethodSetup, TrajectoryMatching
 from infodistill.models import build_model
-from infodistill.pools import ProxyPool, train_experts
-from infodistill.regularizers import CMIRegularizer, cmi_from_features
+from infodistill.proxies import ProxyPool
+from infodistill.regularizers import CMIRegularizer, cmi_from_features, pool_cmi
 from infodistill.synthetic import PixelSet
+from infodistill.training import EvalConfig, run_seeds, train_from_scratch
 
 CPU_ENV_VAR = "INFODISTILL_CUDA_TESTS_ON_CPU"
 """Set to 1 to run the ``cuda`` tests with the CPU as the second device (checks the harness, not a GPU)."""
@@ -226,8 +227,8 @@ def test_the_pools_cmi_and_the_regularizers_gradient_agree_vmapped_against_loope
     context = dm_context(real, CPU)
     images, labels = context.synthetic.images().detach(), context.synthetic.labels
 
-    values_cpu = tiny_pool(real, CPU).cmi(images, labels, 10, batched="off")
-    values_other = tiny_pool(real, device).cmi(images.to(device), labels.to(device), 10, batched="on")
+    values_cpu = pool_cmi(tiny_pool(real, CPU), images, labels, 10, batched="off")
+    values_other = pool_cmi(tiny_pool(real, device), images.to(device), labels.to(device), 10, batched="on")
     assert values_cpu.shape == (3,) and bool((values_cpu > 0).all())
     # float64 gap 1.3e-6: float32 features into float64 KL values of nearby softmaxes
     assert relative_error(values_other, values_cpu) < 1e-4

@@ -20,8 +20,8 @@ from infodistill.errors import UserInputError
 from infodistill.methods import METHOD_REGISTRY, DistillContext, Method, register_method
 from infodistill.methods.dm import DistributionMatching
 from infodistill.models import build_model
-from infodistill.pools import ProxyPool, train_proxy_pool
-from infodistill.regularizers import CMIRegularizer, cmi_from_features
+from infodistill.proxies import ProxyPool, train_proxy_pool
+from infodistill.regularizers import CMIRegularizer, cmi_from_features, pool_cmi
 from infodistill.synthetic import PixelSet
 
 TINY = dict(model="ConvNet-2-16", batch_real=16, ipc=3, checkpoint_every=2)
@@ -92,8 +92,8 @@ def test_cmi_regularizer_lowers_the_sets_cmi(real, pool_dir, tmp_path):
     plain = distill(base, tmp_path / "plain", progress=False, real=real)
     regularized = distill(dataclasses.replace(base, cmi_weight="auto", cmi_auto_scale=0.25, proxies=str(pool_dir)),
                           tmp_path / "cmi", progress=False, real=real)
-    cmi_plain = pool.cmi(*(lambda s: (s.images, s.labels))(load_set(plain.artefact)), 10).mean()
-    cmi_regularized = pool.cmi(*(lambda s: (s.images, s.labels))(load_set(regularized.artefact)), 10).mean()
+    cmi_plain = pool_cmi(pool, *(lambda s: (s.images, s.labels))(load_set(plain.artefact)), 10).mean()
+    cmi_regularized = pool_cmi(pool, *(lambda s: (s.images, s.labels))(load_set(regularized.artefact)), 10).mean()
     assert cmi_regularized < cmi_plain
     metadata = load_set(regularized.artefact).metadata
     assert metadata.regularizers == {"cmi": regularized.regularizer_weights["cmi"]}
@@ -230,12 +230,12 @@ def test_a_run_with_a_pool_logs_its_sets_cmi_with_and_without_the_term(real, poo
         assert [line["iteration"] for line in lines if "monitor/cmi" in line] == [1, 3, 4]
         assert ("loss/cmi" in lines[0]) == (weight > 0)
         distilled = load_set(result.artefact)
-        expected = float(pool.cmi(distilled.images, distilled.labels, 10).mean())
+        expected = float(pool_cmi(pool, distilled.images, distilled.labels, 10).mean())
         assert lines[-1]["monitor/cmi"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_runs_sharing_a_load_cache_read_the_pool_once_and_compute_the_same(real, pool_dir, tmp_path):
-    from infodistill.pools import LoadCache
+    from infodistill.trained import LoadCache
 
     config = DistillConfig(method="dm", iterations=2, cmi_weight=50.0, proxies=str(pool_dir), **TINY)
     alone = load_set(distill(config, tmp_path / "alone", progress=False, real=real).artefact)

@@ -34,7 +34,7 @@ from infodistill.errors import UserInputError
 from infodistill.methods import METHOD_REGISTRY, register_method
 from infodistill.methods.dm import DistributionMatching
 from infodistill.parallel import partition, without_nproc
-from infodistill.pools import ProxyPool, train_proxy_pool
+from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
 
 # fp32 given: the processes started here resolve 'auto' on this machine's CPU, the tests' own process as on a CPU
@@ -342,7 +342,7 @@ def test_two_processes_recover_dwa_into_the_same_set_as_one(striped_root, teache
 
 @pytest.fixture
 def experts_dir(real, tmp_path):
-    from infodistill.pools import train_experts
+    from infodistill.experts import train_experts
 
     directory = tmp_path / "experts"
     train_experts(real, directory, model="ConvNet-1-8", count=2, epochs=4, batch_size=64, progress=False)

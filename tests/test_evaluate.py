@@ -10,17 +10,9 @@ from torch import nn
 from infodistill.artefact import DistilledSet, SetMetadata
 from infodistill.data import DatasetInfo, load_dataset
 from infodistill.errors import UserInputError
-from infodistill.evaluate import (
-    EvalConfig,
-    check_set_fits,
-    evaluate_set,
-    lr_at_epoch,
-    random_subset,
-    run_seeds,
-    top1_accuracy,
-    train_from_scratch,
-)
+from infodistill.evaluate import check_set_fits, evaluate_set, random_subset
 from infodistill.models import build_model
+from infodistill.training import EvalConfig, lr_at_epoch, run_seeds, top1_accuracy, train_from_scratch
 
 
 def test_lr_schedule_drops_tenfold_for_the_second_half():
@@ -173,7 +165,7 @@ def test_the_temperature_loss_has_the_gradient_of_kl_to_soft_labels_at_that_temp
     generator = torch.Generator().manual_seed(4)
     logits = torch.randn(6, 5, generator=generator, requires_grad=True)
     soft = torch.softmax(torch.randn(6, 5, generator=generator) / 20.0, dim=1)
-    from infodistill.evaluate import _run_loss
+    from infodistill.training import _run_loss
 
     (ours,) = torch.autograd.grad(_run_loss(logits, soft, temperature=20.0), logits)
     kl = F.kl_div(F.log_softmax(logits / 20.0, dim=1), soft, reduction="batchmean")

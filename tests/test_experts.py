@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from infodistill.cli import main
 from infodistill.data import WhitenedData, ZCAWhitening, load_dataset, whiten
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, run_seeds, train_from_scratch
+from infodistill.experts import ExpertMetadata, ExpertTrajectories, train_experts
 from infodistill.models import build_model
-from infodistill.pools import ExpertMetadata, ExpertTrajectories, train_experts
+from infodistill.training import EvalConfig, run_seeds, train_from_scratch
 
 MODEL = "ConvNet-1-4"
 SETTINGS = {"model": MODEL, "epochs": 2, "lr": 0.02, "batch_size": 64, "augment": "dsa", "seed": 3, "progress": False}

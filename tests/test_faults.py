@@ -469,7 +469,7 @@ def test_distill_config_validate_refuses_non_finite_settings_and_seeds(field, va
 ])
 def test_eval_config_validate_refuses_non_finite_settings_and_seeds(field, value, fragment):
     """The same boundary for evaluation settings given to the Python API."""
-    from infodistill.evaluate import EvalConfig
+    from infodistill.training import EvalConfig
 
     with pytest.raises(UserInputError, match=fragment):
         EvalConfig(**{field: value}).validate()
@@ -478,7 +478,7 @@ def test_eval_config_validate_refuses_non_finite_settings_and_seeds(field, value
 def test_a_yaml_config_with_an_infinite_value_is_refused(tmp_path):
     """YAML spells infinity ``.inf`` and NaN ``.nan``: a config file cannot smuggle them in either."""
     from infodistill.config import build_config
-    from infodistill.evaluate import EvalConfig
+    from infodistill.training import EvalConfig
 
     (tmp_path / "eval.yaml").write_text("lr: .inf\n")
     with pytest.raises(UserInputError, match="config key 'lr': inf is not a finite number"):

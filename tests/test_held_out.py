@@ -12,7 +12,7 @@ import torch
 
 from infodistill.artefact import load_set
 from infodistill.models import build_model, pooled_variant
-from infodistill.pools import ProxyPool
+from infodistill.proxies import ProxyPool
 from test_cli import run
 from test_cmi import reference_cmi
 

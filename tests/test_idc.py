@@ -335,7 +335,7 @@ LOOP = {"dataset": "fashion-mnist", "method": "idc", "param": "multi", "factor":
 def test_idc_runs_through_the_loop_with_and_without_cmi(real, tmp_path, with_cmi):
     extra = {}
     if with_cmi:
-        from infodistill.pools import train_proxy_pool
+        from infodistill.proxies import train_proxy_pool
 
         pool = tmp_path / "pool"
         train_proxy_pool(real, pool, arch="ConvNetGAP-1-8", count=2, epochs=1, progress=False)

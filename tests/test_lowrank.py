@@ -84,7 +84,7 @@ def test_bad_ranks_are_refused_naming_the_value(rank, fragment):
 
 
 def test_dm_with_lowrank_and_cmi_writes_decoded_images_factors_and_the_storage_budget(real, tmp_path):
-    from infodistill.pools import train_proxy_pool
+    from infodistill.proxies import train_proxy_pool
 
     train_proxy_pool(real, tmp_path / "pool", arch="ConvNetGAP-1-8", count=2, epochs=1, progress=False)
     config = DistillConfig(method="dm", param="lowrank", rank=2, ipc=1, iterations=2, model="ConvNet-2-16",

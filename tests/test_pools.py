@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from infodistill import __version__
 from infodistill.data import DatasetInfo, RealData
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, run_seeds, top1_accuracy, train_from_scratch
 from infodistill.models import build_model
-from infodistill.pools import ProxyMetadata, ProxyPool, save_proxy, train_proxy_pool
+from infodistill.proxies import ProxyMetadata, ProxyPool, save_proxy, train_proxy_pool
+from infodistill.training import EvalConfig, run_seeds, top1_accuracy, train_from_scratch
 
 INFO = DatasetInfo(name="tiny-stripes", channels=1, image_size=(8, 8), num_classes=3, class_names=("a", "b", "c"),
                    mean=(0.3,), std=(0.3,))

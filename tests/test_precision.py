@@ -17,7 +17,7 @@ import infodistill.methods.dm as dm_module
 from conftest import initial_pixel_images
 from infodistill.artefact import load_set, save_set
 from infodistill.augment import DSA, DSAConfig
-from infodistill.cli import _distill_overrides, build_parser, main
+from infodistill.cli import build_parser, main
 from infodistill.data import ClassSampler
 from infodistill.distill import (
     CHECKPOINT_NAME,
@@ -29,19 +29,13 @@ from infodistill.distill import (
     run_iteration,
 )
 from infodistill.errors import UserInputError
-from infodistill.evaluate import (
-    EvalConfig,
-    bf16_measured,
-    evaluate_set,
-    random_subset,
-    run_seeds,
-    train_from_scratch,
-    use_batched_training,
-)
-from infodistill.pools import ProxyPool, train_proxy_pool
+from infodistill.evaluate import evaluate_set, random_subset
 from infodistill.precision import autocast_context, cpu_has_native_bf16, resolve_precision
+from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
+from infodistill.settings import given_flags
 from infodistill.synthetic import PixelSet, build_synthetic
+from infodistill.training import EvalConfig, bf16_measured, run_seeds, train_from_scratch, use_batched_training
 
 distill_module = importlib.import_module("infodistill.distill")  # the package attribute is the function
 
@@ -208,7 +202,7 @@ def test_bad_precision_is_refused_in_yaml_and_flags(tmp_path, capsys):
 
 def test_precision_flags_reach_the_configs(real, tmp_path, capsys):
     args = build_parser().parse_args(["distill", "--precision", "bf16"])
-    assert _distill_overrides(args)["precision"] == "bf16"
+    assert given_flags(args, DistillConfig) == {"precision": "bf16"}
     path = save_set(random_subset(real, 1, seed=0), tmp_path / "set.safetensors")
     code = main(["evaluate", str(path), "--model", "ConvNet-1-8", "--runs", "1", "--epochs", "1",
                  "--precision", "bf16", "--json"])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from infodistill.artefact import DistilledSet, SetMetadata, save_set
 from infodistill.errors import UserInputError
-from infodistill.report import (
+from infodistill.experiments.report import (
     FIGURES,
     command_report,
     configure_report_parser,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
 import itertools
 from pathlib import Path
 
@@ -11,10 +13,11 @@ import yaml
 
 from infodistill.cli import main
 from infodistill.config import load_yaml_mapping
-from infodistill.distill import LOOP_FIELDS, DistillConfig, distill_config_from, part_fields
+from infodistill.distill import LOOP_FIELDS, SETTINGS_GROUPS, DistillConfig, distill_config_from, part_fields
 from infodistill.errors import UserInputError
+from infodistill.experiments.sweep import parse_sweep
 from infodistill.methods import METHOD_REGISTRY
-from infodistill.sweep import parse_sweep
+from infodistill.settings import Bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -152,3 +155,90 @@ def test_distill_help_says_flags_win(capsys):
 def test_an_unused_setting_refused_by_validate_raises_user_input_error():
     with pytest.raises(UserInputError, match="^lr_net does not apply to method 'dm'"):
         DistillConfig(method="dm", lr_net=0.5).validate()
+
+
+def _distill_parser_flags() -> dict[str, list[str]]:
+    """dest -> option strings of every flag of `infodistill distill`."""
+    from infodistill.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    flags: dict[str, list[str]] = {}
+    for action in commands.choices["distill"]._actions:
+        flags.setdefault(action.dest, []).extend(action.option_strings)
+    return flags
+
+
+def test_every_declared_setting_has_exactly_one_flag_and_one_yaml_key():
+    flags = _distill_parser_flags()
+    for field in dataclasses.fields(DistillConfig):
+        spelled = "--" + field.name.replace("_", "-")
+        expected = [spelled, "--no-" + field.name.replace("_", "-")] if field.name == "augment" else [spelled]
+        assert flags.get(field.name) == expected, field.name
+        # the YAML key is the field's name: a file setting only it builds a config holding it
+        value = getattr(DistillConfig(), field.name)
+        assert getattr(distill_config_from({field.name: value}), field.name) == value
+
+
+def test_each_setting_is_declared_by_exactly_one_owner():
+    owners = [{field.name for field in dataclasses.fields(group)} for group in SETTINGS_GROUPS]
+    assert sum(len(names) for names in owners) == len(set().union(*owners)), "a setting declared twice"
+    assert set().union(*owners) == {field.name for field in dataclasses.fields(DistillConfig)}
+    for group in SETTINGS_GROUPS:
+        for field in dataclasses.fields(group):
+            assert field.metadata.get("help"), f"{group.__name__}.{field.name} has no help"
+
+
+@pytest.mark.parametrize("bounds, value, admitted", [
+    (Bounds(low=1), 1, True), (Bounds(low=1), 0, False),
+    (Bounds(low=0, low_open=True), 0.0, False), (Bounds(low=0, low_open=True), 1e-300, True),
+    (Bounds(0, 1, high_open=True), 0.0, True), (Bounds(0, 1, high_open=True), 1.0, False),
+    (Bounds(0, 1, high_open=True), 0.999, True), (Bounds(low=0), float("inf"), False),
+    (Bounds(low=0), float("nan"), False), (Bounds(), -5.0, True),
+])
+def test_bounds_admit_exactly_their_interval(bounds, value, admitted):
+    assert bounds.admits(value) is admitted
+
+
+@pytest.mark.parametrize("values, line", [
+    ({"ipc": 0}, "ipc must be a positive integer, got 0"),
+    ({"eval_every": -1}, "eval_every must be >= 0 (0 turns periodic evaluation off), got -1"),
+    ({"lr_images": 0.0}, "lr_images must be positive and finite, got 0.0"),
+    ({"momentum_images": 1.0}, "momentum_images must be in [0, 1), got 1.0"),
+    ({"ema_decay": 1.0}, "ema_decay must be in [0, 1) (0 turns the average off), got 1.0"),
+    ({"zca": -0.5}, "zca must be a finite number >= 0 (0 turns whitening off), got -0.5"),
+    ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not one of: sgd, adam"),
+    ({"method": "idc", "match_metric": "l2"}, "match_metric 'l2' is not one of: mse, l1, cos"),
+    ({"method": "mtt", "memory": "disk"}, "memory 'disk' is not one of: full, checkpoint"),
+])
+def test_a_value_outside_its_declared_range_is_refused_in_one_line(values, line):
+    with pytest.raises(UserInputError) as error:
+        DistillConfig(**values).validate()
+    assert str(error.value).startswith(line)
+
+
+def test_a_replaced_yaml_key_names_its_successor(tmp_path, capsys):
+    config = tmp_path / "old.yaml"
+    config.write_text("proxies: p\ncmi_weight: auto\ncmi_auto_fraction: 0.1\n")
+    code = main(["distill", "--config", str(config), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'cmi_auto_fraction' was replaced by cmi_auto_scale" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_flag_wins_over_the_same_setting_in_the_yaml_file(tmp_path, monkeypatch):
+    """Given in both with different values, the flag's value is the one the run records."""
+    import infodistill.cli as cli
+
+    seen = {}
+
+    def stop_before_running(config, *args, **kwargs):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(importlib.import_module("infodistill.distill"), "distill", stop_before_running)
+    config = tmp_path / "run.yaml"
+    config.write_text("ipc: 3\niterations: 7\n")
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--config", str(config), "--ipc", "2", "--quiet", "--out", str(tmp_path / "run")])
+    assert seen["config"].ipc == 2 and seen["config"].iterations == 7

@@ -22,7 +22,7 @@ from infodistill.methods.sre2l import (
     recovery_terms,
 )
 from infodistill.models import build_model
-from infodistill.pools import ProxyPool, train_proxy_pool
+from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.synthetic import PixelSet, SyntheticSet
 
 TEACHER_ARCH = "ConvNetGAP-2-8-bn"  # pooled: the resume test uses the teacher as its CMI pool too

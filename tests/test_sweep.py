@@ -6,15 +6,16 @@ import json
 import pytest
 import torch
 
-import infodistill.sweep as sweep_module
+import infodistill.experiments.sweep as sweep_module
 from conftest import run_killed_after_iteration
 from infodistill.artefact import load_set
 from infodistill.cli import main
 from infodistill.distill import DistillConfig, LossDiverged, distill
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, evaluate_set
-from infodistill.pools import train_proxy_pool
-from infodistill.sweep import Sweep, cell_name, parse_sweep
+from infodistill.evaluate import evaluate_set
+from infodistill.experiments.sweep import Sweep, cell_name, parse_sweep
+from infodistill.proxies import train_proxy_pool
+from infodistill.training import EvalConfig
 
 TINY = {"method": "dm", "ipc": 2, "iterations": 2, "model": "ConvNet-1-8", "batch_real": 8, "checkpoint_every": 1}
 EVAL = {"model": "ConvNet-1-8", "epochs": 2, "runs": 1}

@@ -13,23 +13,19 @@ import pytest
 import torch
 
 from infodistill.errors import UserInputError
-from infodistill.theory import (
-    FIGURE_NAMES,
-    JSON_NAME,
+from infodistill.experiments.theory import JSON_NAME, command_theory, configure_theory_parser, m_needed, run_theory
+from infodistill.experiments.theory_figures import FIGURE_NAMES
+from infodistill.experiments.theory_maths import (
     StudentInit,
     TheoryConfig,
-    command_theory,
-    configure_theory_parser,
     distill_points,
     first_layer_gradient,
     init_student,
-    m_needed,
     make_task,
     normalised_error,
     quick_config,
     random_directions,
     ridge_solve,
-    run_theory,
     student_predict,
     subspace_energy,
     target_function,
@@ -335,7 +331,7 @@ def test_command_refuses_out_of_range_flags_and_a_file_as_out(tmp_path):
 
 def test_flags_override_the_quick_base():
     args = theory_args("--out", "x", "--quick", "--d", "10", "--m-values", "3, 6", "--sweep-d", "none", "--seeds", "1")
-    from infodistill.theory import theory_config_from_args
+    from infodistill.experiments.theory import theory_config_from_args
 
     config = theory_config_from_args(args)
     assert (config.d, config.m_values, config.sweep_d, config.seeds) == (10, (3, 6), (), 1)

@@ -9,11 +9,12 @@ from infodistill.artefact import load_set
 from infodistill.cli import main as cli_main
 from infodistill.distill import DistillConfig, distill
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, evaluate_set
+from infodistill.evaluate import evaluate_set
+from infodistill.experts import ExpertTrajectories, train_experts
 from infodistill.methods import DifficultyAlignedMatching, MethodSetup
 from infodistill.models import build_model
-from infodistill.pools import ExpertTrajectories, train_experts
 from infodistill.synthetic import build_synthetic
+from infodistill.training import EvalConfig
 
 MODEL = "ConvNet-1-8"
 

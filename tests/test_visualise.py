@@ -13,7 +13,8 @@ from infodistill.cli import main
 from infodistill.errors import UserInputError
 from infodistill.evaluate import random_subset
 from infodistill.models import build_model
-from infodistill.pools import ProxyPool, train_proxy_pool
+from infodistill.proxies import ProxyPool, train_proxy_pool
+from infodistill.regularizers import pool_cmi
 from infodistill.visualise import class_order_by_kl, per_sample_cmi, save_ordered_grid
 
 ARCH = "ConvNetGAP-1-8"
@@ -67,7 +68,7 @@ def test_per_sample_cmi_matches_reference_and_pool_cmi(real, pool_dir, uneven_se
     np.testing.assert_allclose(kl.numpy(), expected, rtol=1e-5, atol=1e-10)
     assert float(kl[labels == 0]) == 0.0  # a class with one sample sits on its centroid
     assert (kl[labels != 0] > 0).all()
-    pooled = pool.cmi(images, labels, 10)
+    pooled = pool_cmi(pool, images, labels, 10)
     assert float(kl.mean()) == pytest.approx(float(pooled.mean()), rel=1e-5)
 
 

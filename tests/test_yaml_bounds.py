@@ -7,7 +7,7 @@ import pytest
 
 from infodistill.config import MAX_CONFIG_BYTES, build_config, load_yaml_mapping
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig
+from infodistill.training import EvalConfig
 
 
 def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):

@@ -22,8 +22,9 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from infodistill.artefact import DistilledSet, load_set, save_set  # noqa: E402
 from infodistill.data import RealData, load_dataset  # noqa: E402
 from infodistill.distill import DistillConfig, DistillResult, distill  # noqa: E402
-from infodistill.evaluate import EvalConfig, EvalResult, evaluate_set, random_subset  # noqa: E402
-from infodistill.pools import ProxyPool, load_proxy_pool, train_proxy_pool  # noqa: E402
+from infodistill.evaluate import EvalResult, evaluate_set, random_subset  # noqa: E402
+from infodistill.proxies import ProxyPool, load_proxy_pool, train_proxy_pool  # noqa: E402
+from infodistill.training import EvalConfig  # noqa: E402
 
 __all__ = [
     "DistillConfig",

@@ -19,15 +19,11 @@ from pathlib import Path
 from infodistill import __version__
 from infodistill.artefact import grid_path_for, load_set, save_set
 from infodistill.config import build_config, check_seed, load_yaml_mapping
-from infodistill.continual import command_continual, configure_continual_parser
 from infodistill.coresets import SELECT_CHOICES
 from infodistill.data import DATASET_NAMES, dataset_info, load_dataset
+from infodistill.distill import SETTINGS_GROUPS, DistillConfig
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
-    AUGMENTATIONS,
-    BATCHED_CHOICES,
-    RECIPES,
-    EvalConfig,
     EvalResult,
     check_evaluation_processes,
     check_model_names,
@@ -38,9 +34,12 @@ from infodistill.evaluate import (
     evaluation_payload,
     format_results_table,
     random_subset,
-    resolve_device,
     write_evaluation,
 )
+from infodistill.experiments.continual import command_continual, configure_continual_parser
+from infodistill.experiments.report import command_report, configure_report_parser
+from infodistill.experiments.sweep import command_sweep, configure_sweep_parser
+from infodistill.experiments.theory import command_theory, configure_theory_parser
 from infodistill.files import check_output_path
 from infodistill.models import model_names_help
 from infodistill.parallel import (
@@ -58,9 +57,8 @@ from infodistill.parallel import (
     shutdown,
 )
 from infodistill.precision import PRECISIONS
-from infodistill.report import command_report, configure_report_parser
-from infodistill.sweep import command_sweep, configure_sweep_parser
-from infodistill.theory import command_theory, configure_theory_parser
+from infodistill.settings import add_flags, given_flags, title_of
+from infodistill.training import AUGMENTATIONS, BATCHED_CHOICES, RECIPES, EvalConfig, resolve_device
 
 DEFAULT_DATASET = "fashion-mnist"
 
@@ -156,7 +154,7 @@ def _coreset(args: argparse.Namespace, real):
     """The ``--select herding|kcenter`` subset in the feature space of the pool ``--proxies``
     (:func:`~infodistill.coresets.pool_features`); the class sizes are checked before the pool is read."""
     from infodistill.coresets import check_class_sizes, coreset_subset, pool_features
-    from infodistill.pools import ProxyPool
+    from infodistill.proxies import ProxyPool
 
     check_class_sizes(real.train_labels, args.ipc, real.info.num_classes)
     pool = ProxyPool.load(args.proxies, real.info)
@@ -170,7 +168,7 @@ def _relabelled(subset, real, teacher: str, temperature: float):
     """The subset with SRe2L's soft labels from the first network of the pool ``teacher``: the fair baseline
     of a relabelled distilled set (same labels, same KD recipe at evaluation)."""
     from infodistill.methods.sre2l import teacher_soft_labels
-    from infodistill.pools import ProxyPool
+    from infodistill.proxies import ProxyPool
 
     network = ProxyPool.load(teacher, real.info)[0]
     extra = {**subset.metadata.extra, "teacher": str(teacher), "relabel_temperature": repr(float(temperature))}
@@ -265,23 +263,6 @@ def _scores(args: argparse.Namespace, distilled, real, config: EvalConfig, main:
                                 main=main)}
 
 
-def _distill_overrides(args: argparse.Namespace) -> dict:
-    """The distillation settings given as flags (None where a flag was not given)."""
-    names = ("dataset", "method", "ipc", "iterations", "param", "init", "model", "lr_images", "momentum_images",
-             "batch_real", "outer_loop", "inner_loop", "lr_net", "cmi_weight", "cmi_auto_scale", "proxies",
-             "held_out_proxies", "cmi_every", "cmi_proxies_per_step", "seed", "device", "data_root",
-             "checkpoint_every", "eval_every", "monitor_every",
-             "eval_model", "eval_epochs", "eval_runs", "factor", "upsample", "net_steps", "batch_net", "match_metric",
-             "experts", "zca", "syn_steps", "expert_epochs", "min_start_epoch", "max_start_epoch", "window_start_max",
-             "window_growth_iterations", "batch_syn", "lr_lr", "lr_labels", "memory", "ema_decay", "rank", "optimizer",
-             "lr_schedule", "teacher", "relabel_temperature", "bn_weight", "first_bn_weight", "variance_weight",
-             "jitter", "dwa_rho", "dwa_steps", "mim_weight", "mim_temperature", "mim_layers", "mim_real_per_class",
-             "mim_lr", "precision", "trajectories")
-    values = {name: getattr(args, name) for name in names}
-    values["augment"] = args.augment
-    return values
-
-
 def _default_run_dir(config) -> Path:
     dataset = re.sub(r"[^A-Za-z0-9]+", "-", config.dataset).strip("-")
     suffix = "-cmi" if config.uses_cmi else ""
@@ -322,7 +303,7 @@ def command_distill(args: argparse.Namespace) -> int:
                        if k not in ("resolved_weights", "cmi_calibration")})
     if args.config:
         values.update(load_yaml_mapping(args.config))
-    values.update({name: value for name, value in _distill_overrides(args).items() if value is not None})
+    values.update(given_flags(args, DistillConfig))
     config = distill_config_from(values, f"config file '{args.config}'" if args.config else "config")
     config.validate()
     out_dir = check_output_path(args.out if args.out else _default_run_dir(config), directory=True)
@@ -368,7 +349,7 @@ def _report_trained(args: argparse.Namespace, kind: str, records: Sequence, suff
 
 def command_proxies(args: argparse.Namespace) -> int:
     """Train a pool of proxy networks (the CMI regularizer's frozen feature extractors)."""
-    from infodistill.pools import train_proxy_pool
+    from infodistill.proxies import train_proxy_pool
 
     _check_positive(args, "count", "epochs", "batch_size")
     config = EvalConfig(model=args.arch, device=args.device)
@@ -386,7 +367,7 @@ def command_experts(args: argparse.Namespace) -> int:
     the real data with MTT's recipe whose weights are recorded before training and after every epoch;
     its trajectory is those epochs + 1 flat weight vectors. Each expert is one file
     expert-NNNN.safetensors in --out; experts already there count toward --count."""
-    from infodistill.pools import train_experts
+    from infodistill.experts import train_experts
 
     _check_positive(args, "count", "epochs", "batch_size")
     if not args.lr > 0 or args.lr == float("inf"):
@@ -407,7 +388,8 @@ def command_cmi(args: argparse.Namespace) -> int:
     --held-out, also under a second pool disjoint from the first: the CMI of a set distilled with the first
     pool is in-sample under it, and only the held-out value shows compactness for networks the term never saw."""
     from infodistill.distill import check_held_out
-    from infodistill.pools import ProxyPool
+    from infodistill.proxies import ProxyPool
+    from infodistill.regularizers.cmi import pool_cmi
 
     distilled = load_set(args.set)
     info = dataset_info(distilled.metadata.dataset, data_root=args.data_root)
@@ -418,9 +400,9 @@ def command_cmi(args: argparse.Namespace) -> int:
     if args.held_out is not None:
         held_out = ProxyPool.load(args.held_out, info, device=args.device)
         check_held_out(pool, held_out)
-    values = pool.cmi(distilled.images, distilled.labels, distilled.num_classes)
+    values = pool_cmi(pool, distilled.images, distilled.labels, distilled.num_classes)
     mean, std = float(values.mean()), float(values.std(unbiased=False))
-    held_values = held_out.cmi(distilled.images, distilled.labels, distilled.num_classes) if held_out else None
+    held_values = pool_cmi(held_out, distilled.images, distilled.labels, distilled.num_classes) if held_out else None
     kl = None
     if args.ordered_grid is not None:
         from infodistill.visualise import per_sample_cmi, save_ordered_grid
@@ -536,113 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "both in the file and as a flag takes the flag's value (flags win). A setting that "
                                   "none of the chosen method, parameterisation and regularizers reads is refused by "
                                   "name (a value equal to its default is accepted).")
-    distill.add_argument("--dataset", metavar="NAME", help="dataset name (default: fashion-mnist)")
-    distill.add_argument("--data-root", metavar="DIR",
-                         help="data root (default: $INFODISTILL_DATA or ~/.cache/infodistill/data)")
-    distill.add_argument("--method", metavar="NAME",
-                         help="distillation method: dm, dc, dsa, mtt, datm, idc, sre2l, dwa (default: dm)")
-    distill.add_argument("--ipc", type=int, metavar="N", help="synthetic images per class (default: 10)")
-    distill.add_argument("--iterations", type=int, metavar="N",
-                         help="iterations (default: the method's, DM 20000, DC/DSA 1000)")
-    distill.add_argument("--param", metavar="NAME",
-                         help="parameterisation: pixels, lowrank, multi (default: the method's; idc: multi)")
-    distill.add_argument("--rank", type=int, metavar="R",
-                         help="lowrank: rank of each image channel A @ B; the images per class grow by "
-                              "floor(H*W / (R*(H+W))) at the same storage (default: 2)")
-    distill.add_argument("--factor", type=int, metavar="F",
-                         help="multi-formation: each stored image holds FxF images (default: 2)")
-    distill.add_argument("--upsample", metavar="bilinear|nearest", help="multi-formation decoding (default: bilinear)")
-    distill.add_argument("--init", metavar="real|noise", help="start from real images or noise (default: real)")
-    distill.add_argument("--model", metavar="NAME", help="matching network architecture (default: ConvNet-3)")
-    distill.add_argument("--lr-images", type=float, help="image learning rate (default: the method's)")
-    distill.add_argument("--momentum-images", type=float, help="image SGD momentum (default: 0.5)")
-    distill.add_argument("--optimizer", metavar="sgd|adam", help="image optimiser (default: the method's; sre2l: adam)")
-    distill.add_argument("--lr-schedule", metavar="constant|cosine",
-                         help="image learning-rate schedule (default: the method's; sre2l: cosine)")
-    distill.add_argument("--batch-real", type=int, metavar="N", help="real images per class per step (default: 256)")
-    distill.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                         help="siamese DSA augmentation (default: on for dm and dsa, off for dc)")
-    distill.add_argument("--outer-loop", type=int, metavar="N", help="gradient matching outer loop (default: by ipc)")
-    distill.add_argument("--inner-loop", type=int, metavar="N", help="gradient matching inner loop (default: by ipc)")
-    distill.add_argument("--lr-net", type=float, help="gradient matching network learning rate (default: 0.01)")
-    idc = distill.add_argument_group("IDC")
-    idc.add_argument("--net-steps", type=int, metavar="N",
-                     help="real-data training steps of the network per outer step")
-    idc.add_argument("--batch-net", type=int, metavar="N", help="real images per network training step")
-    idc.add_argument("--match-metric", metavar="NAME", help="gradient distance (default: IDC's)")
-    trajectory = distill.add_argument_group("MTT / DATM")
-    trajectory.add_argument("--experts", metavar="DIR", help="expert trajectories (build with `infodistill experts`)")
-    trajectory.add_argument("--zca", type=float, metavar="EPS",
-                            help="ZCA-whiten the data with this regularisation, as the experts were (default: 0, off)")
-    trajectory.add_argument("--syn-steps", type=int, metavar="N", help="student steps per iteration (default: by ipc)")
-    trajectory.add_argument("--expert-epochs", type=int, metavar="M", help="expert epochs to match (default: 2)")
-    trajectory.add_argument("--min-start-epoch", type=int, metavar="E", help="earliest start epoch (default: 0)")
-    trajectory.add_argument("--max-start-epoch", type=int, metavar="E",
-                            help="start epochs are below this (default: by ipc)")
-    trajectory.add_argument("--window-start-max", type=int, metavar="E",
-                            help="DATM: the window's upper bound at the start, growing to --max-start-epoch")
-    trajectory.add_argument("--window-growth-iterations", type=int, metavar="N",
-                            help="DATM: iterations over which the window grows (default: 3000)")
-    trajectory.add_argument("--batch-syn", type=int, metavar="N",
-                            help="synthetic images per student step (default: all)")
-    trajectory.add_argument("--lr-lr", type=float, help="learning rate of the learned step size (default: by ipc)")
-    trajectory.add_argument("--trajectories", type=int, metavar="T",
-                            help="student trajectories averaged per iteration (default: 1, as published); with "
-                                 "--nproc N they are split over the N processes (N <= T)")
-    trajectory.add_argument("--lr-labels", type=float, help="DATM: learning rate of the soft labels (default: 2)")
-    trajectory.add_argument("--memory", metavar="full|checkpoint",
-                            help="keep the unrolled graph (full) or recompute each step in the backward pass")
-    trajectory.add_argument("--ema-decay", type=float, metavar="D",
-                            help="store an exponential moving average of the images (default: DATM 0.999, else off)")
-    recover = distill.add_argument_group("SRe2L / DWA")
-    recover.add_argument("--teacher", metavar="DIR",
-                         help="teacher with batch norm: a proxy directory, "
-                              "e.g. `infodistill proxies --arch ConvNet-3-bn`")
-    recover.add_argument("--relabel-temperature", type=float, metavar="T", help="temperature of the soft labels")
-    recover.add_argument("--bn-weight", type=float, metavar="W", help="weight of the BN-statistics term")
-    recover.add_argument("--first-bn-weight", type=float, metavar="W", help="multiplier of the first BN layer's term")
-    recover.add_argument("--variance-weight", type=float, metavar="W",
-                         help="weight of the variance part of the BN term")
-    recover.add_argument("--jitter", type=int, metavar="PIXELS", help="random shift of the images per iteration")
-    recover.add_argument("--dwa-rho", type=float, metavar="RHO", help="DWA: size of the weight perturbation")
-    recover.add_argument("--dwa-steps", type=int, metavar="K", help="DWA: ascent steps of the perturbation")
-    mim = distill.add_argument_group("MIM4DD")
-    mim.add_argument("--mim-weight", type=float, metavar="W",
-                     help="weight of the MIM4DD contrastive regularizer (default: 0, off); features from a proxy "
-                          "when --proxies is given, else a fresh --model network per step")
-    mim.add_argument("--mim-temperature", type=float, metavar="T", help="InfoNCE temperature (default: 0.1)")
-    mim.add_argument("--mim-layers", type=int, metavar="N", help="feature layers, deepest first (default: 1)")
-    mim.add_argument("--mim-real-per-class", type=int, metavar="N", help="real images per class per step (default: 16)")
-    mim.add_argument("--mim-lr", type=float, help="SGD learning rate of the projection heads (default: 0.01)")
-    distill.add_argument("--cmi-weight", metavar="FLOAT|auto",
-                         help="weight lambda of the CMI regularizer, or 'auto' (default: off)")
-    distill.add_argument("--cmi-auto-scale", type=float, metavar="S",
-                         help="'auto' sets lambda so that the CMI's gradient is S x the paper's ratio to the matching "
-                              "loss's gradient on the initial set (docs/cmi.md) (default: 1)")
-    distill.add_argument("--proxies", metavar="DIR", help="proxy pool for CMI (build with `infodistill proxies`)")
-    distill.add_argument("--held-out-proxies", metavar="DIR",
-                         help="a second pool, disjoint from --proxies, under which the set's CMI is also logged "
-                              "(monitor/cmi_heldout): the CMI of networks the term never saw")
-    distill.add_argument("--cmi-every", type=int, metavar="K",
-                         help="compute the CMI term every K iterations (default: 1)")
-    distill.add_argument("--cmi-proxies-per-step", type=int, metavar="K",
-                         help="average CMI over K random proxies per step (default: 1, the paper's rule)")
-    distill.add_argument("--seed", type=int, help="seed of the run (default: 0)")
-    distill.add_argument("--device", metavar="cpu|cuda", help="device (default: cpu)")
-    distill.add_argument("--precision", choices=PRECISIONS,
-                         help="arithmetic of the networks' forward passes: bf16 runs them under autocast, the images "
-                              "and the optimiser stay float32; auto is bf16 for DM on CPUs with native bf16, else "
-                              "fp32; fixed for a run (docs/precision.md) (default: auto)")
-    distill.add_argument("--checkpoint-every", type=int, metavar="N",
-                         help="iterations between checkpoints (default: 100)")
-    distill.add_argument("--eval-every", type=int, metavar="N",
-                         help="evaluate the set every N iterations (default: 0, off)")
-    distill.add_argument("--monitor-every", type=int, metavar="N",
-                         help="with --proxies: log the set's CMI under the pool every N iterations, also without the "
-                              "CMI term (pass --cmi-weight 0 to only monitor) (default: 10; 0: off)")
-    distill.add_argument("--eval-model", metavar="NAME", help="model of periodic evaluation (default: ConvNet-3)")
-    distill.add_argument("--eval-epochs", type=int, metavar="E", help="epochs of periodic evaluation (default: 300)")
-    distill.add_argument("--eval-runs", type=int, metavar="N", help="runs of periodic evaluation (default: 1)")
+    for group in SETTINGS_GROUPS:  # one flag per declared setting, grouped by the part that owns it
+        add_flags(distill.add_argument_group(title_of(group), group.__doc__), group)
     distill.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these settings (flags win)")
     distill.add_argument("--out", metavar="DIR", help="run directory (default: runs/METHOD[-cmi]-DATASET-ipcN-seedS)")
     distill.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from infodistill.config import check_seed, config_from_mapping
 from infodistill.data import ClassSampler, RealData, load_dataset
 from infodistill.data.zca import whiten
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, EvalResult, evaluate_set, resolve_device
+from infodistill.evaluate import EvalResult, evaluate_set
 from infodistill.files import atomic_path, directory_in_use, directory_lock
 from infodistill.methods import (
     METHOD_REGISTRY,
@@ -57,6 +57,12 @@ from infodistill.methods import (
     method_fields,
     method_settings,
 )
+from infodistill.methods.base import MatchingSettings
+from infodistill.methods.datm import DATMSettings
+from infodistill.methods.gradient_matching import GradientMatchingSettings
+from infodistill.methods.idc import IDCSettings
+from infodistill.methods.mtt import TrajectorySettings
+from infodistill.methods.sre2l import DWASettings, RecoverSettings
 from infodistill.models import parse_model_name
 from infodistill.parallel import (
     SINGLE_PROCESS,
@@ -68,9 +74,13 @@ from infodistill.parallel import (
     partition,
     rank_device,
 )
-from infodistill.pools import LoadCache, ProxyPool, load_proxy_pool
-from infodistill.precision import autocast_context, check_precision, resolve_precision, to_fp32
-from infodistill.regularizers import CMIRegularizer, MIMRegularizer, Regularizer, cmi_from_features
+from infodistill.precision import PRECISIONS, autocast_context, resolve_precision, to_fp32
+from infodistill.proxies import ProxyPool, load_proxy_pool
+from infodistill.regularizers import CMIRegularizer, Regularizer, cmi_from_features
+from infodistill.regularizers.base import REGULARIZER_REGISTRY, regularizers_on
+from infodistill.regularizers.cmi import CMISettings, cmi_weight_active, pool_cmi
+from infodistill.regularizers.mim import MIMSettings
+from infodistill.settings import AT_LEAST_ONE, POSITIVE, Bounds, check_values, setting
 from infodistill.synthetic import (
     INITS,
     PARAMETERISATION_REGISTRY,
@@ -78,6 +88,10 @@ from infodistill.synthetic import (
     build_synthetic,
     parameterisation_settings,
 )
+from infodistill.synthetic.lowrank import LowRankSettings
+from infodistill.synthetic.multi import MultiSettings
+from infodistill.trained import LoadCache
+from infodistill.training import EvalConfig, resolve_device
 
 log = logging.getLogger("infodistill")
 
@@ -112,128 +126,91 @@ class LossDiverged(RuntimeError):
     """A loss became NaN or infinite; the run stopped and its last good checkpoint was kept."""
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    """Everything that defines a distillation run. ``None`` means: the method's published default."""
 
-    dataset: str = "fashion-mnist"
-    method: str = "dm"
-    ipc: int = 10
-    iterations: int | None = None
-    param: str | None = None
-    factor: int = 2
-    upsample: str = "bilinear"
-    rank: int = 2
-    init: str | None = None
-    model: str = "ConvNet-3"
-    lr_images: float | None = None
-    momentum_images: float | None = None
-    batch_real: int | None = None
-    augment: bool | None = None
-    outer_loop: int | None = None
-    inner_loop: int | None = None
-    lr_net: float = 0.01
-    net_steps: int | None = None
-    batch_net: int | None = None
-    match_metric: str | None = None
-    experts: str | None = None
-    zca: float = 0.0
-    syn_steps: int | None = None
-    expert_epochs: int | None = None
-    min_start_epoch: int | None = None
-    max_start_epoch: int | None = None
-    window_start_max: int | None = None
-    window_growth_iterations: int | None = None
-    batch_syn: int | None = None
-    lr_lr: float | None = None
-    lr_labels: float | None = None
-    trajectories: int | None = None
-    memory: str | None = None
-    ema_decay: float | None = None
-    optimizer: str | None = None
-    lr_schedule: str | None = None
-    teacher: str | None = None
-    relabel_temperature: float | None = None
-    bn_weight: float | None = None
-    first_bn_weight: float | None = None
-    variance_weight: float | None = None
-    jitter: int | None = None
-    dwa_rho: float | None = None
-    dwa_steps: int | None = None
-    mim_weight: float = 0.0
-    mim_temperature: float = 0.1
-    mim_layers: int = 1
-    mim_real_per_class: int = 16
-    mim_lr: float = 0.01
-    cmi_weight: float | str | None = None
-    cmi_auto_scale: float = 1.0
-    proxies: str | None = None
-    held_out_proxies: str | None = None
-    cmi_every: int = 1
-    cmi_proxies_per_step: int = 1
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "auto"
-    data_root: str | None = None
-    checkpoint_every: int = 100
-    eval_every: int = 0
-    monitor_every: int = 10
-    eval_model: str = "ConvNet-3"
-    eval_epochs: int = 300
-    eval_runs: int = 1
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run distils, with which network, for how long, and what it logs and evaluates on the way."""
+
+    title: ClassVar[str] = "run"
+    dataset: str = setting("fashion-mnist", "dataset name", metavar="NAME")
+    data_root: str | None = setting(None, "data root", metavar="DIR",
+                                    default_text="$INFODISTILL_DATA or ~/.cache/infodistill/data")
+    method: str = setting("dm", "distillation method: dm, dc, dsa, mtt, datm, idc, sre2l, dwa", metavar="NAME")
+    ipc: int = setting(10, "synthetic images per class", bounds=AT_LEAST_ONE, metavar="N")
+    iterations: int | None = setting(None, "iterations", bounds=AT_LEAST_ONE, metavar="N",
+                                     default_text="the method's, DM 20000, DC/DSA 1000")
+    param: str | None = setting(None, "parameterisation: pixels, lowrank, multi", metavar="NAME",
+                                default_text="the method's; idc: multi")
+    init: str | None = setting(None, "start from real images or noise", choices=INITS, default_text="real")
+    model: str = setting("ConvNet-3", "matching network architecture", metavar="NAME")
+    seed: int = setting(0, "seed of the run, 0..2**63-1")
+    device: str = setting("cpu", "device", metavar="cpu|cuda")
+    precision: str = setting("auto", "arithmetic of the networks' forward passes: bf16 runs them under autocast, the "
+                             "images and the optimiser stay float32; auto is bf16 for DM on CPUs with native bf16, "
+                             "else fp32; fixed for a run (docs/precision.md)", choices=PRECISIONS)
+    checkpoint_every: int = setting(100, "iterations between checkpoints", bounds=AT_LEAST_ONE, metavar="N")
+    monitor_every: int = setting(10, "with --proxies: log the set's CMI under the pool every N iterations, also "
+                                 "without the CMI term (pass --cmi-weight 0 to only monitor)",
+                                 bounds=Bounds(low=0, note="0 turns CMI monitoring off"), metavar="N",
+                                 default_text="10; 0: off")
+    eval_every: int = setting(0, "evaluate the set every N iterations",
+                              bounds=Bounds(low=0, note="0 turns periodic evaluation off"), metavar="N",
+                              default_text="0, off")
+    eval_model: str = setting("ConvNet-3", "model of periodic evaluation", metavar="NAME")
+    eval_epochs: int = setting(300, "epochs of periodic evaluation", bounds=AT_LEAST_ONE, metavar="E")
+    eval_runs: int = setting(1, "runs of periodic evaluation", bounds=AT_LEAST_ONE, metavar="N")
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How the images are optimised and stored: the optimiser of the set, its schedule, an average, whitening."""
+
+    title: ClassVar[str] = "image optimisation"
+    lr_images: float | None = setting(None, "image learning rate", bounds=POSITIVE, default_text="the method's")
+    momentum_images: float | None = setting(None, "image SGD momentum", bounds=Bounds(0, 1, high_open=True),
+                                            default_text="0.5")
+    optimizer: str | None = setting(None, "image optimiser", choices=OPTIMIZERS,
+                                    default_text="the method's; sre2l: adam")
+    lr_schedule: str | None = setting(None, "image learning-rate schedule", choices=LR_SCHEDULES,
+                                      default_text="the method's; sre2l: cosine")
+    ema_decay: float | None = setting(None, "store an exponential moving average of the images",
+                                      bounds=Bounds(0, 1, high_open=True, note="0 turns the average off"),
+                                      metavar="D", default_text="DATM 0.999, else off")
+    zca: float = setting(0.0, "ZCA-whiten the data with this regularisation, as the experts were",
+                         bounds=Bounds(low=0, note="0 turns whitening off"), metavar="EPS", default_text="0, off")
+
+
+SETTINGS_GROUPS: tuple[type, ...] = (RunSettings, ImageSettings, MatchingSettings, GradientMatchingSettings,
+                                     IDCSettings, TrajectorySettings, DATMSettings, RecoverSettings, DWASettings,
+                                     LowRankSettings, MultiSettings, CMISettings, MIMSettings)
+"""Every owner's settings, in the order ``--help`` shows them; :class:`DistillConfig` is their union."""
+
+
+@dataclass(frozen=True)
+class DistillConfig(MIMSettings, CMISettings, MultiSettings, LowRankSettings, DWASettings, RecoverSettings,
+                    DATMSettings, TrajectorySettings, IDCSettings, GradientMatchingSettings, MatchingSettings,
+                    ImageSettings, RunSettings):
+    """Everything that defines a distillation run: the union of the owners' settings (:data:`SETTINGS_GROUPS`),
+    each declared once with its help and range by the part that reads it. ``None`` means: the method's
+    published default."""
+
+    title: ClassVar[str] = "distillation"
 
     def validate(self) -> None:
-        """Refuse values outside their range with one line naming the value and what is allowed."""
+        """Refuse values outside their declared range with one line naming the value and what is allowed,
+        then combinations no part can run, then settings no chosen part reads."""
         method_class(self.method)
-        if self.ipc < 1:
-            raise UserInputError(f"ipc must be a positive integer, got {self.ipc}")
+        check_values(self)
         check_seed(self.seed)
         if self.param is not None and self.param not in PARAMETERISATION_REGISTRY:
             raise UserInputError(f"param '{self.param}' is not one of: {', '.join(sorted(PARAMETERISATION_REGISTRY))}")
-        if self.init is not None and self.init not in INITS:
-            raise UserInputError(f"init '{self.init}' is not one of: {', '.join(INITS)}")
         parse_model_name(self.model)
         parse_model_name(self.eval_model)
-        for name in ("iterations", "batch_real", "outer_loop", "inner_loop", "factor", "net_steps", "batch_net",
-                     "syn_steps", "expert_epochs", "batch_syn", "window_growth_iterations", "rank", "dwa_steps",
-                     "trajectories"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserInputError(f"{name} must be a positive integer, got {value}")
-        for name in ("checkpoint_every", "cmi_every", "cmi_proxies_per_step", "eval_epochs", "eval_runs", "mim_layers",
-                     "mim_real_per_class"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise UserInputError(f"eval_every must be >= 0 (0 turns periodic evaluation off), got {self.eval_every}")
-        if self.monitor_every < 0:
-            raise UserInputError(f"monitor_every must be >= 0 (0 turns CMI monitoring off), got {self.monitor_every}")
-        for name in ("min_start_epoch", "max_start_epoch", "window_start_max"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UserInputError(f"{name} must be >= 0, got {value}")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise UserInputError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
-        if not 0 <= self.zca < math.inf:
-            raise UserInputError(f"zca must be a finite number >= 0 (0 turns whitening off), got {self.zca}")
-        for name in ("lr_images", "lr_net", "cmi_auto_scale", "lr_lr", "lr_labels", "mim_temperature", "mim_lr",
-                     "relabel_temperature"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value < math.inf:
-                raise UserInputError(f"{name} must be positive and finite, got {value}")
-        if self.momentum_images is not None and not 0 <= self.momentum_images < 1:
-            raise UserInputError(f"momentum_images must be in [0, 1), got {self.momentum_images}")
         check_cmi_weight(self.cmi_weight)
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            raise UserInputError(f"optimizer '{self.optimizer}' is not one of: {', '.join(OPTIMIZERS)}")
-        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
-            raise UserInputError(f"lr_schedule '{self.lr_schedule}' is not one of: {', '.join(LR_SCHEDULES)}")
-        for name in ("bn_weight", "first_bn_weight", "variance_weight", "jitter", "dwa_rho"):
-            value = getattr(self, name)
-            if value is not None and not (value >= 0 and np.isfinite(value)):
-                raise UserInputError(f"{name} must be a finite number >= 0, got {value}")
-        if not (self.mim_weight >= 0 and np.isfinite(self.mim_weight)):
-            raise UserInputError(f"mim_weight must be a finite number >= 0 (0 turns MIM off), got {self.mim_weight}")
         if self.zca > 0 and method_class(self.method).clips_to_pixel_range:
             raise UserInputError(f"zca {self.zca:g} does not apply to method '{self.method}': it clips images to the "
                                  "pixel range, which whitened images do not have; drop --zca")
@@ -250,7 +227,6 @@ class DistillConfig:
             )
         self._check_unused_settings()
         resolve_device(self.device)
-        check_precision(self.precision)
 
     def _check_unused_settings(self) -> None:
         """Refuse a setting that no chosen part reads (a method's ``lr_net`` for DM, ``rank`` for multi-formation
@@ -282,7 +258,7 @@ class DistillConfig:
                                      f"{', '.join(users)}")
             on = ", ".join(chosen["regularizer"]) or "none"
             raise UserInputError(f"{name} does not apply to the regularizers on ({on}); it applies to: "
-                                 + ", ".join(f"{user} (on with {REGULARIZER_CLASSES[user].switch})" for user in users))
+                                 + ", ".join(f"{user} (on with {REGULARIZER_REGISTRY[user].switch})" for user in users))
         if resolved.uses_cmi and resolved.cmi_weight != "auto" and self.cmi_auto_scale != 1.0:
             raise UserInputError(f"cmi_auto_scale does not apply to a fixed cmi_weight {resolved.cmi_weight:g}; "
                                  "it applies to: cmi_weight 'auto'")
@@ -318,20 +294,23 @@ def check_cmi_weight(weight: float | str | None) -> None:
         raise UserInputError(f"cmi_weight must be a number >= 0 or 'auto', got {weight}")
 
 
-def cmi_weight_active(weight: float | str | None) -> bool:
-    """Whether a CMI weight turns the term on: ``'auto'`` or a number above 0."""
-    return weight == "auto" or (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0)
+RENAMED_SETTINGS = {
+    "cmi_auto_fraction": "cmi_auto_scale, which scales the gradient-norm ratio instead of the loss fraction "
+                         "(docs/cmi.md); the default 1 is the paper's strength",
+}
+"""Settings of earlier releases that were replaced: old key -> the new key and what changed."""
 
 
 def distill_config_from(values: dict[str, Any], source: str = "config") -> DistillConfig:
-    """Build and check a :class:`DistillConfig` from a mapping (YAML file plus flags)."""
+    """Build and check a :class:`DistillConfig` from a mapping (YAML file plus flags); a replaced key is refused
+    with a line naming its successor."""
+    for old, new in RENAMED_SETTINGS.items():
+        if old in values:
+            raise UserInputError(f"{source}: '{old}' was replaced by {new}")
     if "cmi_weight" in values:
         values = {**values, "cmi_weight": parse_cmi_weight(values["cmi_weight"])}
     return config_from_mapping(DistillConfig, values, source)
 
-
-OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def schedule_factor(schedule: str, iteration: int, iterations: int) -> float:
@@ -484,12 +463,8 @@ class ProcessSplit:
             parameter.copy_(self.gather(synthetic, parameter))
 
 
-REGULARIZER_CLASSES: dict[str, type[Regularizer]] = {"cmi": CMIRegularizer, "mim": MIMRegularizer}
-"""The class of each regularizer a config can turn on (by term name)."""
-
-
 def _configured_regularizers(config: DistillConfig) -> list[str]:
-    return [name for name, enabled in (("cmi", config.uses_cmi), ("mim", config.mim_weight > 0)) if enabled]
+    return regularizers_on(config)
 
 
 def part_fields() -> dict[str, dict[str, frozenset[str]]]:
@@ -500,7 +475,7 @@ def part_fields() -> dict[str, dict[str, frozenset[str]]]:
     return {
         "method": {name: method_fields(method_class(name)) & names for name in METHOD_REGISTRY},
         "param": {name: parameterisation_settings(name) & names for name in PARAMETERISATION_REGISTRY},
-        "regularizer": {name: cls.config_fields & names for name, cls in REGULARIZER_CLASSES.items()},
+        "regularizer": {name: cls.config_fields & names for name, cls in REGULARIZER_REGISTRY.items()},
     }
 
 
@@ -516,7 +491,7 @@ def plan_split(config: DistillConfig, world_size: int, num_classes: int) -> tupl
     problems = [cls.split_problem(config.model)]
     if kind == "classes":
         problems += [f"the {name.upper()} regularizer does not split over classes" for name in
-                     _configured_regularizers(config) if not REGULARIZER_CLASSES[name].class_decomposable]
+                     _configured_regularizers(config) if not REGULARIZER_REGISTRY[name].class_decomposable]
         assert config.param is not None  # with_method_defaults() fills it
         parameterisation = getattr(PARAMETERISATION_REGISTRY.get(config.param), "__self__", None)
         if parameterisation is not None and not parameterisation.rows_by_class:
@@ -1026,11 +1001,8 @@ def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, floa
         extra["ema_decay"] = repr(config.ema_decay)
     if config.precision != "fp32":  # fp32 artefacts stay as they were before the setting existed
         extra["precision"] = config.precision
-    if "cmi" in weights:
-        extra.update({"proxies": str(config.proxies), "cmi_every": str(config.cmi_every),
-                      "cmi_proxies_per_step": str(config.cmi_proxies_per_step)})
-    if "mim" in weights:
-        extra.update({"mim_temperature": repr(config.mim_temperature), "mim_layers": str(config.mim_layers)})
+    for name in weights:  # each regularizer that was on records its own settings
+        extra.update(REGULARIZER_REGISTRY[name].artefact_metadata(config))
     return SetMetadata(dataset=real.info.name, mean=tuple(real.info.mean), std=tuple(real.info.std),
                        classes=tuple(real.info.class_names), method=config.method, ipc=config.ipc, seed=config.seed,
                        parameterisation=str(config.param), regularizers=weights, iterations=iterations, extra=extra)
@@ -1402,7 +1374,7 @@ def _monitored_cmi(pool: ProxyPool, synthetic: SyntheticSet, average: ImageAvera
     if split is not None and not is_main(split.group):
         return None
     with torch.no_grad():
-        return float(pool.cmi(images.detach(), synthetic.labels, num_classes).mean())
+        return float(pool_cmi(pool, images.detach(), synthetic.labels, num_classes).mean())
 
 
 def _evaluate_now(snapshot: DistilledSet, real: RealData, config: DistillConfig,

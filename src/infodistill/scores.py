@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from infodistill.artefact import DistilledSet, SetMetadata
-from infodistill.comparison import Interval, t_interval
 from infodistill.data import RealData
 from infodistill.errors import UserInputError
-from infodistill.evaluate import EvalConfig, EvalResult, evaluate_set, random_subset
+from infodistill.evaluate import EvalResult, evaluate_set, random_subset
+from infodistill.experiments.comparison import Interval, t_interval
 from infodistill.files import atomic_path
+from infodistill.training import EvalConfig
 
 WEIGHT = 0.5
 """DD-Ranking's default weight ``w`` of both scores."""

@@ -23,7 +23,7 @@ from infodistill.files import atomic_path
 from infodistill.regularizers.cmi import per_sample_kl
 
 if TYPE_CHECKING:
-    from infodistill.pools import ProxyPool
+    from infodistill.proxies import ProxyPool
 
 IMAGE_BATCH = 512
 """Images per forward pass: features do not depend on the batch (proxies are in eval mode)."""
@@ -35,7 +35,7 @@ def per_sample_cmi(pool: ProxyPool, images: Tensor, labels: Tensor, num_classes:
 
     Per proxy it is :func:`~infodistill.regularizers.cmi.per_sample_kl` of the proxy's penultimate
     features (``embed``), the quantity whose mean is that proxy's CMI; so the mean of the returned values
-    equals the mean of :meth:`ProxyPool.cmi`. A class with one sample has KL exactly 0.
+    equals the mean of :func:`~infodistill.regularizers.cmi.pool_cmi`. A class with one sample has KL exactly 0.
     """
     if images.dim() != 4 or len(images) != len(labels):
         raise UserInputError(

@@ -19,12 +19,13 @@ import torch
 
 from infodistill.augment import DSA
 from infodistill.data import ClassSampler, DatasetInfo
-from infodistill.errors import UserInputError
 from infodistill.models.norm import BATCH_NORM_TYPES
+from infodistill.registry import Registry
+from infodistill.settings import AT_LEAST_ONE, setting
 
 if TYPE_CHECKING:
     from infodistill.models import DistillModel
-    from infodistill.pools import LoadCache
+    from infodistill.trained import LoadCache
 from infodistill.synthetic import SyntheticSet
 
 
@@ -135,6 +136,16 @@ class DistillContext:
         for module in network.modules():
             if isinstance(module, BATCH_NORM_TYPES):
                 module.eval()
+
+
+@dataclass(frozen=True)
+class MatchingSettings:
+    """Settings read by several methods: real images per class per step and the siamese augmentation."""
+
+    title: ClassVar[str] = "matching (several methods)"
+    batch_real: int | None = setting(None, "real images per class per step", bounds=AT_LEAST_ONE, metavar="N",
+                                     default_text="the method's, 256")
+    augment: bool | None = setting(None, "siamese DSA augmentation", default_text="on for dm and dsa, off for dc")
 
 
 @dataclass(frozen=True)
@@ -263,28 +274,14 @@ class Method(ABC):
         """Called without gradient after every optimiser step, e.g. to clip images to the pixel range."""
 
 
-METHOD_REGISTRY: dict[str, Callable[..., Method]] = {}
-"""Method name -> factory ``factory(**settings) -> Method``."""
+METHOD_REGISTRY = Registry("method")
+"""Method name -> class; a method's constructor takes its settings by name (``build_method``)."""
 
+register_method = METHOD_REGISTRY.register
+"""Class decorator: make a method available by name (``--method NAME``)."""
 
-def register_method(name: str) -> Callable[[Any], Any]:
-    """Class decorator: make a method available by name (``--method NAME``)."""
-
-    def decorate(cls: Any) -> Any:
-        if name in METHOD_REGISTRY:
-            raise ValueError(f"method '{name}' is registered twice")
-        cls.name = name
-        METHOD_REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def method_class(name: str) -> Any:
-    """The registered class for ``name``, or a one-line error listing the known methods."""
-    if name not in METHOD_REGISTRY:
-        raise UserInputError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHOD_REGISTRY))}")
-    return METHOD_REGISTRY[name]
+method_class = METHOD_REGISTRY.lookup
+"""The registered class for a name, or a one-line error listing the known methods."""
 
 
 def method_settings(cls: Any) -> set[str]:

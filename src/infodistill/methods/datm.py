@@ -17,6 +17,7 @@ MTT with three changes, each a small override of :class:`TrajectoryMatching`:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -25,7 +26,21 @@ from torch import Tensor, nn
 
 from infodistill.methods.base import MethodDefaults, MethodSetup, register_method
 from infodistill.methods.mtt import TrajectoryMatching
+from infodistill.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, setting
 from infodistill.synthetic import PixelSet, SyntheticSet
+
+
+@dataclass(frozen=True)
+class DATMSettings:
+    """DATM's settings beside trajectory matching's: the growing window of start epochs, the soft labels."""
+
+    title: ClassVar[str] = "DATM"
+    window_start_max: int | None = setting(None, "the window's upper bound at the start, growing to "
+                                           "--max-start-epoch", bounds=NON_NEGATIVE, metavar="E",
+                                           default_text="by ipc")
+    window_growth_iterations: int | None = setting(None, "iterations over which the window grows",
+                                                   bounds=AT_LEAST_ONE, metavar="N", default_text="3000")
+    lr_labels: float | None = setting(None, "learning rate of the soft labels", bounds=POSITIVE, default_text="2")
 
 
 @register_method("datm")

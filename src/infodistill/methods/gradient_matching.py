@@ -27,6 +27,7 @@ evaluation mode. The inner training runs in training mode again.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -42,6 +43,7 @@ from infodistill.methods.base import (
     register_method,
 )
 from infodistill.models.norm import has_batch_norm
+from infodistill.settings import AT_LEAST_ONE, POSITIVE, setting
 
 
 def gradient_distance(real_grads: Sequence[Tensor], synthetic_grads: Sequence[Tensor]) -> Tensor:
@@ -80,6 +82,18 @@ def _gradient_matching_defaults(augment: bool) -> MethodDefaults:
 def _positive_int(value: object, what: str, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserInputError(f"gradient matching {what}={value!r} is invalid; it must be an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class GradientMatchingSettings:
+    """Settings of gradient matching (DC, DSA; IDC reads ``lr_net``)."""
+
+    title: ClassVar[str] = "gradient matching (dc, dsa, idc)"
+    outer_loop: int | None = setting(None, "outer loop: networks per iteration", bounds=AT_LEAST_ONE, metavar="N",
+                                     default_text="by ipc")
+    inner_loop: int | None = setting(None, "inner loop: network updates per outer step", bounds=AT_LEAST_ONE,
+                                     metavar="N", default_text="by ipc")
+    lr_net: float = setting(0.01, "network learning rate", bounds=POSITIVE)
 
 
 class GradientMatching(Method):

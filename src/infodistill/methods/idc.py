@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -77,6 +78,7 @@ from infodistill.methods.base import (
 )
 from infodistill.methods.gradient_matching import gradient_distance
 from infodistill.models.norm import has_batch_norm
+from infodistill.settings import AT_LEAST_ONE, setting
 
 
 # sum() starts from the int 0, which it returns only for no gradients; a network always has some
@@ -115,6 +117,18 @@ def _positive_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserInputError(f"IDC {what}={value!r} is invalid; it must be an integer >= 1")
     return value
+
+
+@dataclass(frozen=True)
+class IDCSettings:
+    """Settings of IDC's network training and gradient distance."""
+
+    title: ClassVar[str] = "IDC"
+    net_steps: int | None = setting(None, "real-data training steps of the network per outer step",
+                                    bounds=AT_LEAST_ONE, metavar="N", default_text="IDC's")
+    batch_net: int | None = setting(None, "real images per network training step", bounds=AT_LEAST_ONE, metavar="N",
+                                    default_text="IDC's")
+    match_metric: str | None = setting(None, "gradient distance", choices=MATCH_METRICS, default_text="IDC's")
 
 
 @register_method("idc")

@@ -25,6 +25,7 @@ The learned step size is stored in the artefact (``lr``) and used by ``infodisti
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -44,7 +45,34 @@ from infodistill.methods.student import (
     FunctionalStudent,
     normalised_distance,
 )
+from infodistill.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, setting
 from infodistill.synthetic import SyntheticSet
+
+
+@dataclass(frozen=True)
+class TrajectorySettings:
+    """Settings of trajectory matching (MTT, and DATM on top of it)."""
+
+    title: ClassVar[str] = "trajectory matching (mtt, datm)"
+    experts: str | None = setting(None, "expert trajectories (build with `infodistill experts`)", metavar="DIR",
+                                  default_text="none")
+    syn_steps: int | None = setting(None, "student steps per iteration", bounds=AT_LEAST_ONE, metavar="N",
+                                    default_text="by ipc")
+    expert_epochs: int | None = setting(None, "expert epochs to match", bounds=AT_LEAST_ONE, metavar="M",
+                                        default_text="2")
+    min_start_epoch: int | None = setting(None, "earliest start epoch", bounds=NON_NEGATIVE, metavar="E",
+                                          default_text="0")
+    max_start_epoch: int | None = setting(None, "start epochs are below this", bounds=NON_NEGATIVE, metavar="E",
+                                          default_text="by ipc")
+    batch_syn: int | None = setting(None, "synthetic images per student step", bounds=AT_LEAST_ONE, metavar="N",
+                                    default_text="all")
+    lr_lr: float | None = setting(None, "learning rate of the learned step size", bounds=POSITIVE,
+                                  default_text="by ipc")
+    trajectories: int | None = setting(None, "student trajectories averaged per iteration; with --nproc N they are "
+                                       "split over the N processes (N <= T)", bounds=AT_LEAST_ONE, metavar="T",
+                                       default_text="1, as published")
+    memory: str | None = setting(None, "keep the unrolled graph (full) or recompute each step in the backward pass",
+                                 choices=MEMORY_MODES, default_text="full")
 
 
 @register_method("mtt")
@@ -111,7 +139,7 @@ class TrajectoryMatching(Method):
 
     def prepare(self, setup: MethodSetup) -> None:
         """Load the experts once, check the matching window fits them, create the learned step size."""
-        from infodistill.pools import load_experts
+        from infodistill.experts import load_experts
 
         if self.experts_dir is None:
             raise UserInputError(f"method '{self.name}' needs expert trajectories: pass --experts DIR "

@@ -85,7 +85,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,7 @@ from infodistill.methods.base import (
     register_method,
 )
 from infodistill.models.norm import BATCH_NORM_TYPES
+from infodistill.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, setting
 from infodistill.synthetic import SyntheticSet
 
 RELABEL_CHUNK = 512
@@ -212,6 +214,36 @@ def teacher_soft_labels(teacher: nn.Module, images: Tensor, temperature: float) 
     return torch.softmax(logits.float() / temperature, dim=1).to(images.device)
 
 
+@dataclass(frozen=True)
+class RecoverSettings:
+    """Settings of SRe2L's recovery from a teacher (DWA reads them too)."""
+
+    title: ClassVar[str] = "SRe2L / DWA"
+    teacher: str | None = setting(None, "teacher with batch norm: a proxy directory, e.g. `infodistill proxies "
+                                  "--arch ConvNet-3-bn`", metavar="DIR", default_text="none")
+    relabel_temperature: float | None = setting(None, "temperature of the soft labels", bounds=POSITIVE,
+                                                metavar="T", default_text="the method's")
+    bn_weight: float | None = setting(None, "weight of the BN-statistics term", bounds=NON_NEGATIVE, metavar="W",
+                                      default_text="the method's")
+    first_bn_weight: float | None = setting(None, "multiplier of the first BN layer's term", bounds=NON_NEGATIVE,
+                                            metavar="W", default_text="the method's")
+    variance_weight: float | None = setting(None, "weight of the variance part of the BN term",
+                                            bounds=NON_NEGATIVE, metavar="W", default_text="the method's")
+    jitter: int | None = setting(None, "random shift of the images per iteration", bounds=NON_NEGATIVE,
+                                 metavar="PIXELS", default_text="the method's")
+
+
+@dataclass(frozen=True)
+class DWASettings:
+    """DWA's weight perturbation of the teacher."""
+
+    title: ClassVar[str] = "DWA"
+    dwa_rho: float | None = setting(None, "size of the weight perturbation", bounds=NON_NEGATIVE, metavar="RHO",
+                                    default_text="the method's")
+    dwa_steps: int | None = setting(None, "ascent steps of the perturbation", bounds=AT_LEAST_ONE, metavar="K",
+                                    default_text="the method's")
+
+
 @register_method("sre2l")
 class SRe2L(Method):
     """SRe2L recovery: cross-entropy of a trained batch-norm teacher plus per-batch BN-statistics matching."""
@@ -268,7 +300,7 @@ class SRe2L(Method):
         """Load the teacher (first network of the pool), refuse one without batch norm, keep the set."""
         from infodistill.models import parse_model_name
         from infodistill.models.registry import ModelSpec
-        from infodistill.pools import load_proxy_pool
+        from infodistill.proxies import load_proxy_pool
 
         pool = load_proxy_pool(self.teacher, setup.info, device=str(setup.device), cache=setup.cache)
         network = pool[0]

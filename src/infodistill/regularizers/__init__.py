@@ -9,6 +9,7 @@ from infodistill.regularizers.cmi import (
     cmi_share_from_features,
     empirical_cmi,
     per_sample_kl,
+    pool_cmi,
     vectorise_proxies,
 )
 from infodistill.regularizers.mim import MIMRegularizer, info_nce
@@ -23,5 +24,6 @@ __all__ = [
     "empirical_cmi",
     "info_nce",
     "per_sample_kl",
+    "pool_cmi",
     "vectorise_proxies",
 ]

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+
+from infodistill.registry import Registry
 
 
 class Regularizer(ABC):
     """A loss term over labelled synthetic images, independent of the distillation method."""
 
-    name: str = "regularizer"
+    name: ClassVar[str] = "regularizer"
+    settings: ClassVar[type | None] = None
+    """The dataclass declaring this regularizer's settings (their help and range); the run's config holds them."""
     config_fields: ClassVar[frozenset[str]] = frozenset()
-    """The ``DistillConfig`` fields this regularizer reads beside its weight: validation refuses one that is
-    set while the regularizer is off, instead of ignoring it."""
+    """The settings this regularizer reads beside its weight: validation refuses one that is set while the
+    regularizer is off, instead of ignoring it."""
     switch: ClassVar[str] = ""
     """How a config turns the regularizer on, for error messages (e.g. ``"mim_weight > 0"``)."""
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        """Whether ``config`` turns this regularizer on."""
+        raise NotImplementedError(f"regularizer '{cls.name}' does not say when it is on")
+
+    @classmethod
+    def artefact_metadata(cls, config: Any) -> dict[str, str]:
+        """String metadata this regularizer adds to the artefact of a run it was on in (its settings)."""
+        return {name: str(getattr(config, name)) for name in sorted(cls.config_fields)}
     class_decomposable: ClassVar[bool] = False
     """True when the loss over the whole set is a sum of per-class parts, each depending only on its
     class's images, so that a run split over processes can compute it class by class (:meth:`class_share`)."""
@@ -36,3 +50,15 @@ class Regularizer(ABC):
         """Make the random draws :meth:`loss` would make, without computing it: a process of a run split by
         class that leaves another process's class update to it stays in step with the others."""
         raise NotImplementedError(f"regularizer '{self.name}' does not split over classes")
+
+
+REGULARIZER_REGISTRY = Registry("regularizer")
+"""Regularizer name -> class (the term's name in logs and artefacts), filled as each module is imported."""
+
+register_regularizer = REGULARIZER_REGISTRY.register
+"""Class decorator: make a regularizer known to the loop by name."""
+
+
+def regularizers_on(config: Any) -> list[str]:
+    """The names of the registered regularizers ``config`` turns on, in registration order."""
+    return [name for name, cls in REGULARIZER_REGISTRY.items() if cls.enabled(config)]

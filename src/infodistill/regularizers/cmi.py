@@ -27,19 +27,21 @@ are applied by the distillation loop, not here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from infodistill.errors import UserInputError
-from infodistill.evaluate import BATCHED_CHOICES
-from infodistill.regularizers.base import Regularizer
+from infodistill.regularizers.base import Regularizer, register_regularizer
+from infodistill.settings import AT_LEAST_ONE, POSITIVE, setting
+from infodistill.training import BATCHED_CHOICES
 
-if TYPE_CHECKING:  # imported for type hints only: pools imports this module at run time
+if TYPE_CHECKING:  # imported for type hints only
     from infodistill.models import DistillModel
-    from infodistill.pools import ProxyPool, StackedProxies
+    from infodistill.proxies import ProxyPool, StackedProxies
 
 COMPUTE_DTYPE = torch.float64
 """The softmax/KL arithmetic runs in float64: it costs N x D elements, nothing beside a forward pass,
@@ -52,7 +54,7 @@ def vectorise_proxies(batched: str, device: torch.device) -> bool:
 
     "auto" picks vmap on CUDA only: on CPU a plain loop measured faster (ResNet18, 100 images of
     32x32, 4 proxies: forward+backward 4.2 s looped vs 10.1 s vmapped on 2 cores), as for training in
-    :mod:`infodistill.evaluate`. Both give the same values up to rounding (tests/test_cmi.py).
+    :mod:`infodistill.training`. Both give the same values up to rounding (tests/test_cmi.py).
     """
     if batched not in BATCHED_CHOICES:
         raise UserInputError(f"batched '{batched}' is not one of: {', '.join(BATCHED_CHOICES)}")
@@ -155,11 +157,38 @@ def cmi_per_proxy(
     """CMI under each of K stacked proxies, in one vectorised pass: K values.
 
     The K embeddings come from one ``torch.func.vmap`` over the stacked weights
-    (:meth:`infodistill.pools.StackedProxies.embed`); the K CMIs are then one batched computation.
+    (:meth:`infodistill.proxies.StackedProxies.embed`); the K CMIs are then one batched computation.
     """
     return cmi_from_features(proxies.embed(images), labels, num_classes, per_class=per_class)
 
 
+@dataclass(frozen=True)
+class CMISettings:
+    """Settings of the class-aware CMI regularizer (on with ``cmi_weight`` 'auto' or above 0)."""
+
+    title: ClassVar[str] = "CMI regularizer"
+    cmi_weight: float | str | None = setting(
+        None, "weight lambda of the CMI regularizer, or 'auto' (docs/cmi.md)", metavar="FLOAT|auto",
+        default_text="off; with --proxies, the method's published weight where it has one")
+    cmi_auto_scale: float = setting(1.0, "'auto' sets lambda so that the CMI's gradient is S x the paper's ratio to "
+                                    "the matching loss's gradient on the initial set (docs/cmi.md)",
+                                    bounds=POSITIVE, metavar="S")
+    proxies: str | None = setting(None, "proxy pool for CMI (build with `infodistill proxies`)", metavar="DIR",
+                                  default_text="none")
+    held_out_proxies: str | None = setting(
+        None, "a second pool, disjoint from --proxies, under which the set's CMI is also logged "
+        "(monitor/cmi_heldout): the CMI of networks the term never saw", metavar="DIR", default_text="none")
+    cmi_every: int = setting(1, "compute the CMI term every K iterations", bounds=AT_LEAST_ONE, metavar="K")
+    cmi_proxies_per_step: int = setting(1, "average CMI over K random proxies per step (1 is the paper's rule)",
+                                        bounds=AT_LEAST_ONE, metavar="K")
+
+
+def cmi_weight_active(weight: float | str | None) -> bool:
+    """Whether a CMI weight turns the term on: ``'auto'`` or a number above 0."""
+    return weight == "auto" or (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0)
+
+
+@register_regularizer("cmi")
 class CMIRegularizer(Regularizer):
     """The CMI term over the synthetic set, under proxies drawn at random from a pool.
 
@@ -172,9 +201,19 @@ class CMIRegularizer(Regularizer):
     logging. The weight lambda and the "compute every k steps" switch belong to the distillation loop.
     """
 
-    name = "cmi"
+    settings = CMISettings
     config_fields = frozenset({"cmi_every", "cmi_proxies_per_step", "cmi_auto_scale"})
     switch = "cmi_weight > 0 or 'auto'"
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return cmi_weight_active(config.cmi_weight)
+
+    @classmethod
+    def artefact_metadata(cls, config: Any) -> dict[str, str]:
+        """The pool and how the term drew from it (the weight is in the artefact's regularizer weights)."""
+        return {"proxies": str(config.proxies), "cmi_every": str(config.cmi_every),
+                "cmi_proxies_per_step": str(config.cmi_proxies_per_step)}
 
     def __init__(
         self, pool: ProxyPool, proxies_per_step: int = 1, per_class: bool = False, batched: str = "auto"
@@ -228,3 +267,38 @@ class CMIRegularizer(Regularizer):
         else:
             values = torch.stack([value(self.pool[index].embed(images)) for index in indices])
         return values.mean()
+
+
+@torch.no_grad()
+def pool_cmi(
+    pool: ProxyPool,
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    chunk: int = 16,
+    image_batch: int = 512,
+    batched: str = "auto",
+) -> Tensor:
+    """The empirical CMI of (images, labels) under EVERY proxy of ``pool``: K values, no gradient.
+
+    With vmap (``batched``, see :func:`vectorise_proxies`) the pool is processed ``chunk`` proxies at a
+    time; images go through in batches of ``image_batch`` (features do not depend on the batch: the
+    proxies are in eval mode). Both bound memory.
+    """
+    for name, value in (("chunk", chunk), ("image_batch", image_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+    pool.require_pooled()
+    vectorised = vectorise_proxies(batched, pool.device)
+    images = images.to(pool.device)
+    labels = labels.to(pool.device)
+    batches = images.split(image_batch)
+    values = []
+    for start in range(0, len(pool), chunk if vectorised else 1):
+        if vectorised:
+            stacked = pool.stacked(range(start, min(start + chunk, len(pool))))
+            features = torch.cat([stacked.embed(batch) for batch in batches], dim=1)
+        else:
+            features = torch.cat([pool[start].embed(batch) for batch in batches]).unsqueeze(0)
+        values.append(cmi_from_features(features, labels, num_classes))
+    return torch.cat(values)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,8 @@ from torch import Tensor, nn
 from infodistill.data.sampler import ClassSampler
 from infodistill.errors import UserInputError
 from infodistill.models.resnet import BasicBlock
-from infodistill.regularizers.base import Regularizer
+from infodistill.regularizers.base import Regularizer, register_regularizer
+from infodistill.settings import AT_LEAST_ONE, POSITIVE, Bounds, setting
 
 BLOCK_END_TYPES: tuple[type[nn.Module], ...] = (nn.AvgPool2d, nn.MaxPool2d, BasicBlock)
 """Top-level modules of a network's ``features`` whose output ends a block: the pooling layers of
@@ -148,6 +151,21 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class MIMSettings:
+    """Settings of the MIM4DD contrastive regularizer (on with ``mim_weight`` above 0)."""
+
+    title: ClassVar[str] = "MIM4DD regularizer"
+    mim_weight: float = setting(0.0, "weight of the MIM4DD contrastive regularizer; features from a proxy when "
+                                "--proxies is given, else a fresh --model network per step",
+                                bounds=Bounds(low=0, note="0 turns MIM off"), metavar="W", default_text="0, off")
+    mim_temperature: float = setting(0.1, "InfoNCE temperature", bounds=POSITIVE, metavar="T")
+    mim_layers: int = setting(1, "feature layers, deepest first", bounds=AT_LEAST_ONE, metavar="N")
+    mim_real_per_class: int = setting(16, "real images per class per step", bounds=AT_LEAST_ONE, metavar="N")
+    mim_lr: float = setting(0.01, "SGD learning rate of the projection heads", bounds=POSITIVE)
+
+
+@register_regularizer("mim")
 class MIMRegularizer(Regularizer):
     """The MIM4DD contrastive term: supervised InfoNCE between synthetic and real layer features.
 
@@ -176,9 +194,17 @@ class MIMRegularizer(Regularizer):
     real side. The real images never receive gradient.
     """
 
-    name = "mim"
+    settings = MIMSettings
     config_fields = frozenset({"mim_temperature", "mim_layers", "mim_real_per_class", "mim_lr"})
     switch = "mim_weight > 0"
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return bool(config.mim_weight > 0)
+
+    @classmethod
+    def artefact_metadata(cls, config: Any) -> dict[str, str]:
+        return {"mim_temperature": repr(config.mim_temperature), "mim_layers": str(config.mim_layers)}
 
     def __init__(
         self,

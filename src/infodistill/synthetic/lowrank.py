@@ -17,12 +17,16 @@ Initialisation:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from infodistill.data import ClassSampler
 from infodistill.errors import UserInputError
 from infodistill.precision import autocast_disabled
+from infodistill.settings import AT_LEAST_ONE, setting
 from infodistill.synthetic.base import SyntheticSet, register_parameterisation
 from infodistill.synthetic.pixels import check_init_and_shape
 
@@ -51,6 +55,15 @@ def truncated_svd_factors(images: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     factor_a = left[..., :rank] * root.unsqueeze(-2)
     factor_b = root.unsqueeze(-1) * right_t[..., :rank, :]
     return factor_a.to(images.dtype), factor_b.to(images.dtype)
+
+
+@dataclass(frozen=True)
+class LowRankSettings:
+    """Settings of low-rank images (``--param lowrank``)."""
+
+    title: ClassVar[str] = "low-rank images (--param lowrank)"
+    rank: int = setting(2, "rank of each image channel A @ B; the images per class grow by floor(H*W / (R*(H+W))) "
+                        "at the same storage", bounds=AT_LEAST_ONE, metavar="R")
 
 
 @register_parameterisation("lowrank")

@@ -23,16 +23,29 @@ nearest-neighbour subsampling; here they are shrunk by area averaging, which kee
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infodistill.data import ClassSampler
 from infodistill.errors import UserInputError
+from infodistill.settings import AT_LEAST_ONE, setting
 from infodistill.synthetic.base import SyntheticSet, register_parameterisation
 from infodistill.synthetic.pixels import check_init_and_shape
 
 UPSAMPLE_MODES = ("bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class MultiSettings:
+    """Settings of multi-formation images (``--param multi``)."""
+
+    title: ClassVar[str] = "multi-formation images (--param multi)"
+    factor: int = setting(2, "each stored image holds FxF images", bounds=AT_LEAST_ONE, metavar="F")
+    upsample: str = setting("bilinear", "how a stored image is decoded", choices=UPSAMPLE_MODES)
 
 
 def check_factor(factor: object, height: int, width: int) -> int:

@@ -49,16 +49,11 @@ from infodistill.distill import (
     distill_config_from,
 )
 from infodistill.errors import UserInputError
-from infodistill.evaluate import (
-    EVALUATION_NAME,
-    EvalConfig,
-    evaluate_models,
-    random_subset,
-    write_evaluation,
-)
+from infodistill.evaluate import EVALUATION_NAME, evaluate_models, random_subset, write_evaluation
 from infodistill.files import atomic_path
 from infodistill.models import parse_model_name
-from infodistill.pools import LoadCache
+from infodistill.trained import LoadCache
+from infodistill.training import EvalConfig
 
 SWEEP_SETTINGS_NAME = "sweep.yaml"
 SWEEP_STATE_NAME = "sweep.json"
@@ -357,8 +352,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     state = sweep.run()
     tables = ""
     if args.report:
-        from infodistill.arms import arms_markdown
-        from infodistill.report import load_runs, write_report
+        from infodistill.experiments.arms import arms_markdown
+        from infodistill.experiments.report import load_runs, write_report
 
         runs, baseline = load_runs(sweep.run_dirs())
         summary = write_report(runs, out / "report", baseline)

@@ -1,7 +1,7 @@
 """Arms of a report: runs grouped by their settings (all but the distillation seed), each arm's accuracy
 with its 95 % interval, the paired difference of every arm against a reference arm, and the accuracy
 against the iteration with its interval (the convergence curve). The statistics are in
-:mod:`infodistill.comparison`; this module only gathers the scores from run directories.
+:mod:`infodistill.experiments.comparison`; this module only gathers the scores from run directories.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from infodistill.comparison import Interval, arm_interval, paired_difference
 from infodistill.errors import UserInputError
+from infodistill.experiments.comparison import Interval, arm_interval, paired_difference
 
 if TYPE_CHECKING:
-    from infodistill.report import RunRecord
+    from infodistill.experiments.report import RunRecord
 
 NOT_SETTINGS = frozenset({"seed", "resolved_weights", "cmi_calibration", "device", "data_root", "checkpoint_every",
                           "monitor_every", "eval_every", "eval_runs", "eval_epochs", "eval_model"})

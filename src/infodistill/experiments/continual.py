@@ -45,21 +45,17 @@ from infodistill.distill import (
     CHECKPOINT_NAME,
     DistillConfig,
     check_cmi_weight,
-    cmi_weight_active,
     distill,
     parse_cmi_weight,
 )
 from infodistill.errors import UserInputError
-from infodistill.evaluate import (
-    EvalConfig,
-    run_seeds,
-    top1_accuracy,
-    train_from_scratch,
-)
+from infodistill.experiments.figures import new_figure, save_figure
 from infodistill.files import atomic_path
 from infodistill.methods import METHOD_REGISTRY, method_class, method_settings
 from infodistill.models import parse_model_name, pooled_variant
-from infodistill.pools import train_proxy_pool
+from infodistill.proxies import train_proxy_pool
+from infodistill.regularizers.cmi import cmi_weight_active
+from infodistill.training import EvalConfig, run_seeds, top1_accuracy, train_from_scratch
 
 SETTINGS_NAME = "continual_settings.json"
 JSON_NAME = "continual.json"
@@ -386,11 +382,7 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, real: RealData |
 
 def _plot(payload: dict[str, Any], path: Path) -> None:
     """Accuracy vs seen classes, mean +- std over orders, for the distilled and the random memory."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.0, 4.0), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(6.0, 4.0)
     axis = figure.subplots()
     seen = [entry["num_seen"] for entry in payload["summary"]]
     for key, label, marker in (("distilled", payload["label"], "o"), ("random", "random exemplars", "s")):
@@ -403,8 +395,7 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
     axis.set_title(f"{payload['dataset']}, ipc {settings['ipc']}, {settings['orders']} class orders, "
                    f"{settings['eval_model']}", fontsize="medium")
     axis.legend()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png")
+    save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------------

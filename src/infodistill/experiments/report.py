@@ -15,11 +15,11 @@ then writes into the output folder, each file through a temporary file renamed i
   accuracy as a dashed horizontal line;
 - ``grids.png``: up to ten images per class (one row per class) of every set, side by side;
 - ``convergence.png``: the periodic accuracy of every arm (runs that differ only in their seed) with its
-  95 % confidence band (:mod:`infodistill.arms`);
+  95 % confidence band (:mod:`infodistill.experiments.arms`);
 - ``summary.md`` and ``summary.json``: one row per run and per baseline, with the gain in accuracy
   points over the baseline; then one row per arm with its accuracy and 95 % interval, its final in-sample
   and held-out CMI, and the paired difference of every arm against the first arm given (and against the
-  random subset) with its interval (:mod:`infodistill.comparison`).
+  random subset) with its interval (:mod:`infodistill.experiments.comparison`).
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infodistill.arms import Arm, arm_rows, arms_markdown, group_arms, paired_rows
 from infodistill.artefact import DistilledSet, SetMetadata, load_set
 from infodistill.config import load_yaml_mapping
 from infodistill.distill import ARTEFACT_NAME as SET_NAME
 from infodistill.distill import CONFIG_NAME, METRICS_NAME
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EVALUATION_NAME
+from infodistill.experiments.arms import Arm, arm_rows, arms_markdown, group_arms, paired_rows
+from infodistill.experiments.figures import new_figure, save_figure
 from infodistill.files import atomic_path
 
 BASELINE_METHOD = "random"
@@ -318,24 +319,6 @@ def _markdown(summary: dict[str, Any]) -> str:
 # figures (Agg canvas; figures are not registered with pyplot, so nothing stays open)
 
 
-def _new_figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png")
-    figure.clear()
-
-
 def _note(axis, text: str, keep_ticks: bool = False) -> None:
     """A centred grey note on an axes that has nothing to plot."""
     axis.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=axis.transAxes, color="0.35")
@@ -353,7 +336,7 @@ def _finish_iteration_axes(figure, axis, path: Path, drawn: bool, ylabel: str, n
     else:
         _note(axis, note)
     axis.set_title(title)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _colours(records: Sequence[RunRecord]) -> dict[int, str]:
@@ -370,7 +353,7 @@ def _plot_losses(runs: Sequence[RunRecord], colours: dict[int, str], path: Path)
     terms = _loss_terms(runs)
     columns = min(3, max(1, len(terms)))
     rows = max(1, math.ceil(len(terms) / columns))
-    figure = _new_figure(4.5 * columns, 3.2 * rows)
+    figure = new_figure(4.5 * columns, 3.2 * rows)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     if not terms:
         _note(axes[0], NO_LOSS_NOTE)
@@ -388,11 +371,11 @@ def _plot_losses(runs: Sequence[RunRecord], colours: dict[int, str], path: Path)
         axis.legend(fontsize="small")
     for axis in axes[len(terms) or 1:]:
         axis.set_visible(False)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _plot_cmi(runs: Sequence[RunRecord], colours: dict[int, str], path: Path) -> None:
-    figure = _new_figure(6.5, 4.2)
+    figure = new_figure(6.5, 4.2)
     axis = figure.subplots()
     drawn = False
     for record in runs:
@@ -412,7 +395,7 @@ def _plot_cmi(runs: Sequence[RunRecord], colours: dict[int, str], path: Path) ->
 
 def _plot_accuracy(runs: Sequence[RunRecord], baselines: Sequence[RunRecord], colours: dict[int, str],
                    path: Path) -> None:
-    figure = _new_figure(6.5, 4.2)
+    figure = new_figure(6.5, 4.2)
     axis = figure.subplots()
     drawn = False
     for record in runs:
@@ -434,12 +417,12 @@ def _plot_accuracy(runs: Sequence[RunRecord], baselines: Sequence[RunRecord], co
         axis.set_ylabel("test accuracy (%)")
         axis.legend(fontsize="small")
     axis.set_title("accuracy during distillation")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _plot_convergence(arms: Sequence[Arm], path: Path) -> None:
     """Each arm's periodic accuracy (mean over its seeds and periodic runs) with its 95 % confidence band."""
-    figure = _new_figure(6.5, 4.2)
+    figure = new_figure(6.5, 4.2)
     axis = figure.subplots()
     drawn = False
     for index, arm in enumerate(arms):
@@ -476,13 +459,13 @@ def class_grid(distilled: DistilledSet, per_class: int = GRID_PER_CLASS):
 def _plot_grids(records: Sequence[RunRecord], path: Path) -> None:
     grids = [class_grid(record.distilled) for record in records]
     aspect = max(grid.shape[1] / grid.shape[2] for grid in grids)
-    figure = _new_figure(3.2 * len(grids), min(3.2 * aspect + 0.5, 40.0))
+    figure = new_figure(3.2 * len(grids), min(3.2 * aspect + 0.5, 40.0))
     axes = figure.subplots(1, len(grids), squeeze=False)[0]
     for axis, record, grid in zip(axes, records, grids):
         axis.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         axis.set_title(record.name, fontsize="small")
         axis.axis("off")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------------
