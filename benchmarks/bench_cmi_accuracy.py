@@ -18,8 +18,8 @@ import torch
 
 from infodistill.artefact import load_set, save_set
 from infodistill.data import ClassSampler, load_dataset
-from infodistill.distill import CALIBRATION_STREAM, DistillConfig, build_method, distill, make_context
 from infodistill.evaluate import evaluate_set, random_subset
+from infodistill.loop import CALIBRATION_STREAM, DistillConfig, build_method, distill, make_context
 from infodistill.proxies import ProxyPool, proxy_files, train_proxy_pool
 from infodistill.regularizers import pool_cmi
 from infodistill.synthetic import PixelSet

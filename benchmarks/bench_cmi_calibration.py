@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from infodistill.data import ClassSampler, load_dataset
-from infodistill.distill import (
+from infodistill.loop import (
     CALIBRATION_DRAWS,
     CALIBRATION_STREAM,
     PUBLISHED_CMI_WEIGHTS,

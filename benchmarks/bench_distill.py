@@ -21,7 +21,7 @@ import time
 import torch
 
 from infodistill.augment import DSA
-from infodistill.distill import DistillConfig, RegularizerTerm, build_method, make_context, run_iteration
+from infodistill.loop import DistillConfig, RegularizerTerm, build_method, make_context, run_iteration
 from infodistill.models import build_model
 from infodistill.proxies import ProxyPool
 from infodistill.regularizers import CMIRegularizer

@@ -55,10 +55,10 @@ import torch
 
 from infodistill import __version__
 from infodistill.data import ClassSampler, RealData, dataset_info, load_dataset
-from infodistill.distill import DistillConfig, RegularizerTerm, build_run_parts, make_context, run_iteration
 from infodistill.errors import UserInputError
 from infodistill.evaluate import random_subset
 from infodistill.experts import train_experts
+from infodistill.loop import DistillConfig, RegularizerTerm, build_run_parts, make_context, run_iteration
 from infodistill.methods import DistributionMatching
 from infodistill.models import build_model
 from infodistill.proxies import ProxyPool, train_proxy_pool

@@ -28,8 +28,8 @@ import torch
 
 from infodistill.artefact import load_set
 from infodistill.augment import DSA
-from infodistill.distill import DistillConfig, RegularizerTerm, build_method, distill, make_context, run_iteration
 from infodistill.evaluate import evaluate_set, random_subset
+from infodistill.loop import DistillConfig, RegularizerTerm, build_method, distill, make_context, run_iteration
 from infodistill.precision import COMPUTE_PRECISIONS as PRECISIONS
 from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer

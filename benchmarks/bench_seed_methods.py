@@ -18,14 +18,16 @@ import time
 
 import torch
 
-from infodistill.distill import (
+from infodistill.loop import (
     DistillConfig,
-    build_mim_term,
+    RegularizerTerm,
     build_run_parts,
     make_context,
     run_iteration,
 )
 from infodistill.proxies import train_proxy_pool
+from infodistill.regularizers.base import RegularizerSetup
+from infodistill.regularizers.mim import MIMRegularizer
 from report import emit_json, fashion_mnist_sampler, speed_parser, timed_round_robin
 
 
@@ -33,7 +35,11 @@ def loop_step(config: DistillConfig, real, sampler, device, with_mim: bool = Fal
     """A callable running one iteration of ``config`` through the library's loop (set-up done once)."""
     config = config.with_method_defaults()
     parts = build_run_parts(config, real, sampler, device)
-    terms = [build_mim_term(config, sampler, real, device, parts.optimizer, None)] if with_mim else []
+    terms = []
+    if with_mim:
+        setup = RegularizerSetup(config=config, sampler=sampler, info=real.info, device=device, pool=None,
+                                 generator=torch.Generator().manual_seed(0), optimizer=parts.optimizer)
+        terms = [RegularizerTerm("mim", MIMRegularizer.build(setup), config.mim_weight)]
 
     def step(index: int) -> None:
         context = make_context(config, index + 1, parts.synthetic, sampler, real, parts.augment, device)

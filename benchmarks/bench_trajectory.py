@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from infodistill.distill import DistillConfig, RegularizerTerm, build_run_parts, make_context, run_iteration
 from infodistill.experts import train_experts
+from infodistill.loop import DistillConfig, RegularizerTerm, build_run_parts, make_context, run_iteration
 from infodistill.models import build_model
 from infodistill.proxies import ProxyPool
 from infodistill.regularizers import CMIRegularizer

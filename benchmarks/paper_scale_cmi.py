@@ -26,9 +26,9 @@ import torch
 
 from infodistill.artefact import load_set
 from infodistill.data import load_dataset
-from infodistill.distill import DistillConfig, distill
 from infodistill.evaluate import evaluate_set
-from infodistill.experiments.comparison import paired_difference, t_interval
+from infodistill.intervals import paired_difference, t_interval
+from infodistill.loop import DistillConfig, distill
 from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import pool_cmi
 from infodistill.training import EvalConfig

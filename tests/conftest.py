@@ -50,7 +50,7 @@ def real(striped_root):
 
 def run_killed_after_iteration(index: int, config, out_dir, real, monkeypatch) -> None:
     """Run ``config`` into ``out_dir`` and interrupt it (KeyboardInterrupt) once iteration ``index`` is logged."""
-    from infodistill.distill import MetricsLog, distill
+    from infodistill.loop import MetricsLog, distill
 
     original_write = MetricsLog.write
 
@@ -70,7 +70,7 @@ def initial_pixel_images(config, real):
     import torch
 
     from infodistill.data import ClassSampler
-    from infodistill.distill import INIT_STREAM, stream_seed
+    from infodistill.loop import INIT_STREAM, stream_seed
     from infodistill.synthetic import PixelSet
 
     images, labels = real.train_tensors()

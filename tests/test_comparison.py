@@ -11,8 +11,8 @@ import yaml
 
 from infodistill.errors import UserInputError
 from infodistill.experiments.arms import arm_rows, group_arms, paired_rows
-from infodistill.experiments.comparison import arm_interval, paired_difference, t_interval
 from infodistill.experiments.report import load_runs, write_report
+from infodistill.intervals import arm_interval, paired_difference, t_interval
 from test_report import write_evaluation, write_run
 
 # Two-sided 95 % quantiles of Student's t (any t table, e.g. NIST/SEMATECH e-Handbook of Statistical Methods,

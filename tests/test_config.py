@@ -54,7 +54,7 @@ def test_every_preset_is_a_valid_distillation_config():
     from pathlib import Path
 
     from infodistill.config import load_yaml_mapping
-    from infodistill.distill import distill_config_from
+    from infodistill.loop import distill_config_from
 
     presets = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert len(presets) >= 24

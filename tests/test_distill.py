@@ -10,13 +10,13 @@ from safetensors import safe_open
 from conftest import initial_pixel_images, run_killed_after_iteration
 from infodistill.artefact import load_set
 from infodistill.data import ClassSampler, DatasetInfo
-from infodistill.distill import (
+from infodistill.errors import UserInputError
+from infodistill.loop import (
     DistillConfig,
     LossDiverged,
     calibrate_cmi_weight,
     distill,
 )
-from infodistill.errors import UserInputError
 from infodistill.methods import METHOD_REGISTRY, DistillContext, Method, register_method
 from infodistill.methods.dm import DistributionMatching
 from infodistill.models import build_model
@@ -248,7 +248,7 @@ def test_runs_sharing_a_load_cache_read_the_pool_once_and_compute_the_same(real,
 
 
 def test_image_average_follows_the_warmed_up_decay():
-    from infodistill.distill import ImageAverage
+    from infodistill.loop import ImageAverage
 
     synthetic = PixelSet(2, 1, (1, 2, 2))
     average = ImageAverage(synthetic, decay=0.9)
@@ -264,7 +264,7 @@ def test_image_average_follows_the_warmed_up_decay():
 
 
 def test_a_per_class_update_shows_the_regularizers_that_class_only():
-    from infodistill.distill import RegularizerTerm, run_iteration
+    from infodistill.loop import RegularizerTerm, run_iteration
     from infodistill.methods import ClassUpdate, Method
     from infodistill.regularizers import Regularizer
 
@@ -303,7 +303,7 @@ def test_an_adam_run_with_cosine_schedule_resumes_bit_identically_and_follows_th
                                                                                           monkeypatch):
     import math
 
-    from infodistill.distill import schedule_factor
+    from infodistill.loop import schedule_factor
 
     assert [schedule_factor("cosine", t, 4) for t in (0, 2)] == [1.0, pytest.approx(0.5)]
     assert schedule_factor("cosine", 3, 4) == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4)))

@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 
 from infodistill.cli import main
 from infodistill.data import ClassSampler
-from infodistill.distill import (
+from infodistill.errors import UserInputError
+from infodistill.files import RunFiles
+from infodistill.loop import (
     DistillConfig,
     RegularizerTerm,
-    RunFiles,
     build_run_parts,
     distill,
     load_checkpoint,
@@ -30,7 +31,6 @@ from infodistill.distill import (
     plan_split,
     run_iteration,
 )
-from infodistill.errors import UserInputError
 from infodistill.methods import METHOD_REGISTRY, register_method
 from infodistill.methods.dm import DistributionMatching
 from infodistill.parallel import partition, without_nproc
@@ -167,7 +167,7 @@ DYING_RANK = """
 import os
 if os.environ.get("RANK") == "1":
     import importlib
-    loop = importlib.import_module("infodistill.distill")  # the package attribute is the function
+    loop = importlib.import_module("infodistill.loop.run")  # where distill() looks run_iteration up
     original = loop.run_iteration
 
     def run_iteration(method, terms, context, *args, **kwargs):

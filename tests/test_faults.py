@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 
 from infodistill.cli import main
-from infodistill.distill import DistillConfig, LossDiverged, distill
 from infodistill.errors import UserInputError
+from infodistill.loop import DistillConfig, LossDiverged, distill
 from infodistill.methods import METHOD_REGISTRY, ClassUpdate, Method, MethodDefaults, register_method
 
 TINY = dict(model="ConvNet-1-8", batch_real=8, ipc=2, checkpoint_every=2, precision="fp32")
@@ -130,7 +130,7 @@ import os
 if os.environ.get("RANK") == "1":
     import torch
     import importlib
-    loop = importlib.import_module("infodistill.distill")  # the package attribute is the function
+    loop = importlib.import_module("infodistill.loop.step")  # where run_iteration looks _step up
     original = loop._step
 
     def _step(optimizer, method, synthetic, average, iteration=0, group=loop.SINGLE_PROCESS):
@@ -291,7 +291,7 @@ import os, pathlib, time
 gate = os.environ.get("FAULTS_GATE")
 if gate:
     import importlib
-    loop = importlib.import_module("infodistill.distill")  # the package attribute is the function
+    loop = importlib.import_module("infodistill.loop.checkpoint")
     original = loop.MetricsLog.write
 
     def write(self, iteration, values):

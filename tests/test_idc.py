@@ -12,8 +12,8 @@ from torch import nn
 from infodistill.artefact import load_set
 from infodistill.augment import DSA
 from infodistill.data import ClassSampler
-from infodistill.distill import DistillConfig, distill
 from infodistill.errors import UserInputError
+from infodistill.loop import DistillConfig, distill
 from infodistill.methods import (
     IDC,
     ClassUpdate,
@@ -357,7 +357,7 @@ def test_idc_runs_through_the_loop_with_and_without_cmi(real, tmp_path, with_cmi
 
 
 def _init_generator(seed: int) -> torch.Generator:
-    from infodistill.distill import INIT_STREAM, stream_seed
+    from infodistill.loop import INIT_STREAM, stream_seed
 
     return torch.Generator().manual_seed(stream_seed(seed, INIT_STREAM))
 

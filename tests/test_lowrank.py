@@ -7,8 +7,8 @@ import torch
 from infodistill.artefact import load_set
 from infodistill.cli import main
 from infodistill.data import ClassSampler
-from infodistill.distill import DistillConfig, distill
 from infodistill.errors import UserInputError
+from infodistill.loop import DistillConfig, distill
 from infodistill.synthetic import LowRankSet, build_synthetic
 from infodistill.synthetic.lowrank import truncated_svd_factors
 

@@ -19,17 +19,10 @@ from infodistill.artefact import load_set, save_set
 from infodistill.augment import DSA, DSAConfig
 from infodistill.cli import build_parser, main
 from infodistill.data import ClassSampler
-from infodistill.distill import (
-    CHECKPOINT_NAME,
-    DistillConfig,
-    RegularizerTerm,
-    build_method,
-    distill,
-    make_context,
-    run_iteration,
-)
 from infodistill.errors import UserInputError
 from infodistill.evaluate import evaluate_set, random_subset
+from infodistill.files import CHECKPOINT_NAME
+from infodistill.loop import DistillConfig, RegularizerTerm, build_method, distill, make_context, run_iteration
 from infodistill.precision import autocast_context, cpu_has_native_bf16, resolve_precision
 from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
@@ -37,7 +30,8 @@ from infodistill.settings import given_flags
 from infodistill.synthetic import PixelSet, build_synthetic
 from infodistill.training import EvalConfig, bf16_measured, run_seeds, train_from_scratch, use_batched_training
 
-distill_module = importlib.import_module("infodistill.distill")  # the package attribute is the function
+# the modules of the loop that compute in a precision: one iteration, and the calibration of the CMI weight
+loop_modules = [importlib.import_module(f"infodistill.loop.{name}") for name in ("step", "calibration")]
 
 # DM matches with ConvNet-2-16 (width 16); the CMI proxies are ConvNet-1-8 (width 8): the hooks tell them apart.
 TINY = dict(model="ConvNet-2-16", batch_real=16, ipc=2, iterations=2, monitor_every=0, cmi_weight="auto")
@@ -114,9 +108,10 @@ def test_fp32_is_the_computation_from_before_the_setting(real, pool_dir, tmp_pat
     assert config.precision == "auto"  # which is fp32 on a CPU without native bf16 (conftest.py)
     default = distill(config, tmp_path / "default", progress=False, real=real)
     # the same run with every precision hook of the loop and of DM replaced by the plain code
-    monkeypatch.setattr(distill_module, "computed_in", lambda precision, device, steps: steps)
-    monkeypatch.setattr(distill_module, "autocast_context", lambda precision, device: contextlib.nullcontext())
-    monkeypatch.setattr(distill_module, "to_fp32", lambda tensor: tensor)
+    for loop_module in loop_modules:
+        monkeypatch.setattr(loop_module, "computed_in", lambda precision, device, steps: steps)
+        monkeypatch.setattr(loop_module, "autocast_context", lambda precision, device: contextlib.nullcontext())
+        monkeypatch.setattr(loop_module, "to_fp32", lambda tensor: tensor)
     monkeypatch.setattr(dm_module, "to_fp32", lambda tensor: tensor)
     plain = distill(config, tmp_path / "plain", progress=False, real=real)
     # bit for bit: every tensor and every metadata string of the artefact and the checkpoint (the files'

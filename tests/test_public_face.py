@@ -29,11 +29,11 @@ def readme_python_example() -> str:
 
 
 def test_the_public_names_are_exported_from_the_package():
-    artefact, data, distill, evaluate, proxies, training = (
+    artefact, data, loop, evaluate, proxies, training = (
         importlib.import_module(f"infodistill.{name}")
-        for name in ("artefact", "data", "distill", "evaluate", "proxies", "training"))
-    homes = {"distill": distill.distill, "evaluate_set": evaluate.evaluate_set, "load_dataset": data.load_dataset,
-             "DistillConfig": distill.DistillConfig, "EvalConfig": training.EvalConfig, "load_set": artefact.load_set,
+        for name in ("artefact", "data", "loop", "evaluate", "proxies", "training"))
+    homes = {"distill": loop.distill, "evaluate_set": evaluate.evaluate_set, "load_dataset": data.load_dataset,
+             "DistillConfig": loop.DistillConfig, "EvalConfig": training.EvalConfig, "load_set": artefact.load_set,
              "save_set": artefact.save_set, "train_proxy_pool": proxies.train_proxy_pool,
              "ProxyPool": proxies.ProxyPool, "random_subset": evaluate.random_subset}
     assert set(PUBLIC) <= set(infodistill.__all__)

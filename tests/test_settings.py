@@ -13,9 +13,9 @@ import yaml
 
 from infodistill.cli import main
 from infodistill.config import load_yaml_mapping
-from infodistill.distill import LOOP_FIELDS, SETTINGS_GROUPS, DistillConfig, distill_config_from, part_fields
 from infodistill.errors import UserInputError
 from infodistill.experiments.sweep import parse_sweep
+from infodistill.loop import LOOP_FIELDS, SETTINGS_GROUPS, DistillConfig, distill_config_from, part_fields
 from infodistill.methods import METHOD_REGISTRY
 from infodistill.settings import Bounds
 
@@ -236,7 +236,7 @@ def test_a_flag_wins_over_the_same_setting_in_the_yaml_file(tmp_path, monkeypatc
         seen["config"] = config
         raise SystemExit(0)
 
-    monkeypatch.setattr(importlib.import_module("infodistill.distill"), "distill", stop_before_running)
+    monkeypatch.setattr(importlib.import_module("infodistill.loop"), "distill", stop_before_running)
     config = tmp_path / "run.yaml"
     config.write_text("ipc: 3\niterations: 7\n")
     with pytest.raises(SystemExit):

@@ -370,7 +370,7 @@ def test_published_defaults():
 
 def test_sre2l_runs_through_the_loop_and_writes_soft_labels(real, teacher_dir, tmp_path):
     from infodistill.artefact import load_set
-    from infodistill.distill import DistillConfig, distill
+    from infodistill.loop import DistillConfig, distill
 
     config = DistillConfig(method="sre2l", teacher=str(teacher_dir), ipc=2, iterations=3, checkpoint_every=2)
     result = distill(config, tmp_path / "run", progress=False, real=real)
@@ -393,7 +393,7 @@ def test_a_resumed_dwa_run_with_cmi_is_bit_identical_to_an_uninterrupted_one(rea
                                                                                 monkeypatch):
     from conftest import initial_pixel_images, run_killed_after_iteration
     from infodistill.artefact import load_set
-    from infodistill.distill import DistillConfig, distill
+    from infodistill.loop import DistillConfig, distill
 
     # The teacher's pool doubles as the CMI proxy pool: CMI composes with recovery like with any method.
     config = DistillConfig(method="dwa", teacher=str(teacher_dir), ipc=2, iterations=5, checkpoint_every=2,

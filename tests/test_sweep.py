@@ -10,10 +10,10 @@ import infodistill.experiments.sweep as sweep_module
 from conftest import run_killed_after_iteration
 from infodistill.artefact import load_set
 from infodistill.cli import main
-from infodistill.distill import DistillConfig, LossDiverged, distill
 from infodistill.errors import UserInputError
 from infodistill.evaluate import evaluate_set
 from infodistill.experiments.sweep import Sweep, cell_name, parse_sweep
+from infodistill.loop import DistillConfig, LossDiverged, distill
 from infodistill.proxies import train_proxy_pool
 from infodistill.training import EvalConfig
 

@@ -7,10 +7,10 @@ import torch
 
 from infodistill.artefact import load_set
 from infodistill.cli import main as cli_main
-from infodistill.distill import DistillConfig, distill
 from infodistill.errors import UserInputError
 from infodistill.evaluate import evaluate_set
 from infodistill.experts import ExpertTrajectories, train_experts
+from infodistill.loop import DistillConfig, distill
 from infodistill.methods import DifficultyAlignedMatching, MethodSetup
 from infodistill.models import build_model
 from infodistill.synthetic import build_synthetic
@@ -129,7 +129,7 @@ def test_cli_refuses_bad_trajectory_input_with_exit_2(striped_root, experts_dir,
 
 def test_the_learned_step_size_is_projected_onto_positive_values(real, experts_dir):
     from infodistill.data import ClassSampler
-    from infodistill.distill import build_method, make_context
+    from infodistill.loop import build_method, make_context
 
     config = _config("mtt", experts_dir).with_method_defaults()
     images, labels = real.train_tensors()
@@ -167,6 +167,6 @@ def _sampler(real):
 
 
 def _init_generator(config):
-    from infodistill.distill import INIT_STREAM, stream_seed
+    from infodistill.loop import INIT_STREAM, stream_seed
 
     return torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))

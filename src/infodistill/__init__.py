@@ -4,10 +4,8 @@ The public face for use from Python: load a dataset, distil it, score the set, c
 
     from infodistill import DistillConfig, EvalConfig, distill, evaluate_set, load_dataset, load_set
 
-The names below are re-exported from the modules that define them (``infodistill.distill``,
-``infodistill.evaluate``, ...); importing the package only imports those modules. The function ``distill``
-hides the module of the same name as an attribute of the package: ``from infodistill.distill import ...`` reads
-the module as before; ``importlib.import_module("infodistill.distill")`` returns the module object.
+The names below are re-exported from the modules that define them (``infodistill.loop``,
+``infodistill.evaluate``, ...); importing the package only imports those modules.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -21,8 +19,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 # After __version__: the modules below read it from this package while it is being imported.
 from infodistill.artefact import DistilledSet, load_set, save_set  # noqa: E402
 from infodistill.data import RealData, load_dataset  # noqa: E402
-from infodistill.distill import DistillConfig, DistillResult, distill  # noqa: E402
 from infodistill.evaluate import EvalResult, evaluate_set, random_subset  # noqa: E402
+from infodistill.loop import DistillConfig, DistillResult, distill  # noqa: E402
 from infodistill.proxies import ProxyPool, load_proxy_pool, train_proxy_pool  # noqa: E402
 from infodistill.training import EvalConfig  # noqa: E402
 

@@ -21,7 +21,6 @@ from infodistill.artefact import grid_path_for, load_set, save_set
 from infodistill.config import build_config, check_seed, load_yaml_mapping
 from infodistill.coresets import SELECT_CHOICES
 from infodistill.data import DATASET_NAMES, dataset_info, load_dataset
-from infodistill.distill import SETTINGS_GROUPS, DistillConfig
 from infodistill.errors import UserInputError
 from infodistill.evaluate import (
     EvalResult,
@@ -41,6 +40,7 @@ from infodistill.experiments.report import command_report, configure_report_pars
 from infodistill.experiments.sweep import command_sweep, configure_sweep_parser
 from infodistill.experiments.theory import command_theory, configure_theory_parser
 from infodistill.files import check_output_path
+from infodistill.loop import SETTINGS_GROUPS, DistillConfig
 from infodistill.models import model_names_help
 from infodistill.parallel import (
     DEFAULT_TIMEOUT_S,
@@ -280,14 +280,8 @@ def command_distill(args: argparse.Namespace) -> int:
     """Distil a dataset into a few synthetic images per class with a method and optional CMI regularizer.
     With --nproc N (or under torchrun) the work is split over N processes: by class (DM, DC, DSA, IDC), by image
     (SRe2L, DWA) or by trajectory (MTT, DATM); see docs/distributed.md."""
-    from infodistill.distill import (
-        CONFIG_NAME,
-        RunFiles,
-        check_out_dir,
-        distill,
-        distill_config_from,
-        plan_split,
-    )
+    from infodistill.files import CONFIG_NAME, RunFiles
+    from infodistill.loop import check_out_dir, distill, distill_config_from, plan_split
 
     if args.nproc is not None:
         check_nproc(args.nproc)
@@ -387,7 +381,7 @@ def command_cmi(args: argparse.Namespace) -> int:
     """Report the class-aware CMI of a labelled set under every proxy of a pool (mean and std). With
     --held-out, also under a second pool disjoint from the first: the CMI of a set distilled with the first
     pool is in-sample under it, and only the held-out value shows compactness for networks the term never saw."""
-    from infodistill.distill import check_held_out
+    from infodistill.loop import check_held_out
     from infodistill.proxies import ProxyPool
     from infodistill.regularizers.cmi import pool_cmi
 
@@ -609,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # --nproc re-runs the same command in each process
     handler: Callable[[argparse.Namespace], int] = args.handler
     logging.basicConfig(format="infodistill: %(levelname)s: %(message)s", level=logging.WARNING)
-    from infodistill.distill import LossDiverged
+    from infodistill.loop import LossDiverged
 
     where = f"infodistill {args.command}"
     if launched_by_torchrun():

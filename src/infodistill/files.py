@@ -3,7 +3,8 @@
 A written file gets the permissions a plain ``open(path, "w")`` would give it: a new file ``0o666`` less the
 umask (so a shared results folder stays readable to colleagues), a replaced file its previous mode.
 
-A run directory is held by one process at a time (:func:`directory_lock`, an OS file lock).
+A run directory is held by one process at a time (:func:`directory_lock`, an OS file lock); the names of the
+files it holds are here too (:class:`RunFiles`), for the loop that writes them and the readers of run directories.
 """
 
 from __future__ import annotations
@@ -74,6 +75,24 @@ def atomic_paths(*final_paths: str | Path) -> Iterator[list[Path]]:
         for temporary in temporaries:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+ARTEFACT_NAME = "set.safetensors"
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+
+
+class RunFiles:
+    """The files of one run directory."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.root = Path(out_dir)
+        self.checkpoint = self.root / CHECKPOINT_NAME
+        self.artefact = self.root / ARTEFACT_NAME
+        self.config = self.root / CONFIG_NAME
+        self.metrics = self.root / METRICS_NAME
+        self.tensorboard = self.root / "tb"
 
 
 LOCK_NAME = ".infodistill.lock"

@@ -30,8 +30,8 @@ from infodistill.artefact import DistilledSet, SetMetadata
 from infodistill.data import RealData
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EvalResult, evaluate_set, random_subset
-from infodistill.experiments.comparison import Interval, t_interval
 from infodistill.files import atomic_path
+from infodistill.intervals import Interval, t_interval
 from infodistill.training import EvalConfig
 
 WEIGHT = 0.5

@@ -1,7 +1,7 @@
 """Arms of a report: runs grouped by their settings (all but the distillation seed), each arm's accuracy
 with its 95 % interval, the paired difference of every arm against a reference arm, and the accuracy
 against the iteration with its interval (the convergence curve). The statistics are in
-:mod:`infodistill.experiments.comparison`; this module only gathers the scores from run directories.
+:mod:`infodistill.intervals`; this module only gathers the scores from run directories.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from infodistill.errors import UserInputError
-from infodistill.experiments.comparison import Interval, arm_interval, paired_difference
+from infodistill.intervals import Interval, arm_interval, paired_difference
 
 if TYPE_CHECKING:
     from infodistill.experiments.report import RunRecord

@@ -40,17 +40,10 @@ from tqdm.auto import tqdm
 
 from infodistill.artefact import DistilledSet, SetMetadata, load_set, save_set
 from infodistill.data import ClassSampler, DatasetInfo, RealData, load_dataset
-from infodistill.distill import (
-    ARTEFACT_NAME,
-    CHECKPOINT_NAME,
-    DistillConfig,
-    check_cmi_weight,
-    distill,
-    parse_cmi_weight,
-)
 from infodistill.errors import UserInputError
 from infodistill.experiments.figures import new_figure, save_figure
-from infodistill.files import atomic_path
+from infodistill.files import ARTEFACT_NAME, CHECKPOINT_NAME, atomic_path
+from infodistill.loop import DistillConfig, check_cmi_weight, distill, parse_cmi_weight
 from infodistill.methods import METHOD_REGISTRY, method_class, method_settings
 from infodistill.models import parse_model_name, pooled_variant
 from infodistill.proxies import train_proxy_pool

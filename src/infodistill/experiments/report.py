@@ -19,7 +19,7 @@ then writes into the output folder, each file through a temporary file renamed i
 - ``summary.md`` and ``summary.json``: one row per run and per baseline, with the gain in accuracy
   points over the baseline; then one row per arm with its accuracy and 95 % interval, its final in-sample
   and held-out CMI, and the paired difference of every arm against the first arm given (and against the
-  random subset) with its interval (:mod:`infodistill.experiments.comparison`).
+  random subset) with its interval (:mod:`infodistill.intervals`).
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ from typing import Any
 
 from infodistill.artefact import DistilledSet, SetMetadata, load_set
 from infodistill.config import load_yaml_mapping
-from infodistill.distill import ARTEFACT_NAME as SET_NAME
-from infodistill.distill import CONFIG_NAME, METRICS_NAME
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EVALUATION_NAME
 from infodistill.experiments.arms import Arm, arm_rows, arms_markdown, group_arms, paired_rows
 from infodistill.experiments.figures import new_figure, save_figure
-from infodistill.files import atomic_path
+from infodistill.files import ARTEFACT_NAME as SET_NAME
+from infodistill.files import CONFIG_NAME, METRICS_NAME, atomic_path
 
 BASELINE_METHOD = "random"
 FIGURES = {

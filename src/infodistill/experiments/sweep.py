@@ -40,17 +40,10 @@ from tqdm.auto import tqdm
 from infodistill.artefact import load_set, save_set
 from infodistill.config import config_from_mapping, load_yaml_mapping
 from infodistill.data import RealData, load_dataset
-from infodistill.distill import (
-    ARTEFACT_NAME,
-    CHECKPOINT_NAME,
-    DistillConfig,
-    LossDiverged,
-    distill,
-    distill_config_from,
-)
 from infodistill.errors import UserInputError
 from infodistill.evaluate import EVALUATION_NAME, evaluate_models, random_subset, write_evaluation
-from infodistill.files import atomic_path
+from infodistill.files import ARTEFACT_NAME, CHECKPOINT_NAME, atomic_path
+from infodistill.loop import DistillConfig, LossDiverged, distill, distill_config_from
 from infodistill.models import parse_model_name
 from infodistill.trained import LoadCache
 from infodistill.training import EvalConfig

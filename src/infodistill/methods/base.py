@@ -1,6 +1,6 @@
 """What a distillation method is: an object that yields matching losses for the shared loop.
 
-The loop (``infodistill.distill``) owns the image optimiser, the regularizers, checkpoints and logs.
+The loop (``infodistill.loop``) owns the image optimiser, the regularizers, checkpoints and logs.
 A method only says how to compute its matching loss. One iteration may update the images several
 times (gradient matching has an outer loop, with network training in between), so a method's
 :meth:`Method.iteration` is a generator: it yields one loss per image update; the loop adds the
@@ -80,7 +80,7 @@ class DistillContext:
         if index == 0:
             return self.generator
         if self.substream is None:
-            raise ValueError("this context has no substreams; build it with infodistill.distill.make_context")
+            raise ValueError("this context has no substreams; build it with infodistill.loop.make_context")
         return self.substream(index)
 
     def synchronise_set(self) -> None:

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from infodistill.data import ClassSampler, DatasetInfo
 from infodistill.registry import Registry
+
+
+@dataclass
+class RegularizerSetup:
+    """What a regularizer may read when the loop builds it, once per run (:meth:`Regularizer.build`)."""
+
+    config: Any
+    """The run's settings (a ``DistillConfig``): the regularizer reads the ones it declares."""
+    sampler: ClassSampler
+    info: DatasetInfo
+    device: torch.device
+    pool: Any | None
+    """The run's proxy pool (``--proxies``), or None."""
+    generator: torch.Generator
+    """A random stream of the regularizer's own, for initialising tensors it learns."""
+    optimizer: torch.optim.Optimizer
+    """The run's optimiser: tensors the regularizer learns join it as a named parameter group, which the loop
+    steps with the images and checkpoints."""
 
 
 class Regularizer(ABC):
@@ -21,11 +41,23 @@ class Regularizer(ABC):
     regularizer is off, instead of ignoring it."""
     switch: ClassVar[str] = ""
     """How a config turns the regularizer on, for error messages (e.g. ``"mim_weight > 0"``)."""
+    weight_field: ClassVar[str] = ""
+    """The setting that holds the term's weight (and turns it on), e.g. ``"mim_weight"``."""
 
     @classmethod
     def enabled(cls, config: Any) -> bool:
         """Whether ``config`` turns this regularizer on."""
         raise NotImplementedError(f"regularizer '{cls.name}' does not say when it is on")
+
+    @classmethod
+    def build(cls, setup: RegularizerSetup) -> Regularizer:
+        """The regularizer of a run whose config turns it on."""
+        raise NotImplementedError(f"regularizer '{cls.name}' cannot be built from a run's settings")
+
+    @classmethod
+    def every(cls, config: Any) -> int:
+        """How many iterations apart the loop computes the term (1: every iteration)."""
+        return 1
 
     @classmethod
     def artefact_metadata(cls, config: Any) -> dict[str, str]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infodistill.errors import UserInputError
-from infodistill.regularizers.base import Regularizer, register_regularizer
+from infodistill.regularizers.base import Regularizer, RegularizerSetup, register_regularizer
 from infodistill.settings import AT_LEAST_ONE, POSITIVE, setting
 from infodistill.training import BATCHED_CHOICES
 
@@ -204,10 +204,22 @@ class CMIRegularizer(Regularizer):
     settings = CMISettings
     config_fields = frozenset({"cmi_every", "cmi_proxies_per_step", "cmi_auto_scale"})
     switch = "cmi_weight > 0 or 'auto'"
+    weight_field = "cmi_weight"
 
     @classmethod
     def enabled(cls, config: Any) -> bool:
         return cmi_weight_active(config.cmi_weight)
+
+    @classmethod
+    def build(cls, setup: RegularizerSetup) -> CMIRegularizer:
+        """The term under the run's pool (validation refuses a CMI weight without ``--proxies``)."""
+        if setup.pool is None:
+            raise UserInputError("a CMI weight needs a proxy pool: pass --proxies DIR")
+        return cls(setup.pool, proxies_per_step=setup.config.cmi_proxies_per_step)
+
+    @classmethod
+    def every(cls, config: Any) -> int:
+        return int(config.cmi_every)
 
     @classmethod
     def artefact_metadata(cls, config: Any) -> dict[str, str]:

@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from infodistill.data.sampler import ClassSampler
 from infodistill.errors import UserInputError
+from infodistill.models import build_model
 from infodistill.models.resnet import BasicBlock
-from infodistill.regularizers.base import Regularizer, register_regularizer
+from infodistill.regularizers.base import Regularizer, RegularizerSetup, register_regularizer
 from infodistill.settings import AT_LEAST_ONE, POSITIVE, Bounds, setting
 
 BLOCK_END_TYPES: tuple[type[nn.Module], ...] = (nn.AvgPool2d, nn.MaxPool2d, BasicBlock)
@@ -197,10 +198,33 @@ class MIMRegularizer(Regularizer):
     settings = MIMSettings
     config_fields = frozenset({"mim_temperature", "mim_layers", "mim_real_per_class", "mim_lr"})
     switch = "mim_weight > 0"
+    weight_field = "mim_weight"
 
     @classmethod
     def enabled(cls, config: Any) -> bool:
         return bool(config.mim_weight > 0)
+
+    @classmethod
+    def build(cls, setup: RegularizerSetup) -> MIMRegularizer:
+        """MIM4DD with its projection heads added to the run's optimiser. Features come from a proxy of the
+        run's pool when it has one (trained, fixed features), else from a fresh network of the run's matching
+        architecture per step."""
+        config, info, device, pool = setup.config, setup.info, setup.device, setup.pool
+
+        def network_factory(generator: torch.Generator) -> nn.Module:
+            if pool is not None:
+                return pool.sample(generator)
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            return build_model(config.model, channels=info.channels, num_classes=info.num_classes,
+                               image_size=info.image_size, seed=seed).to(device)
+
+        mim = cls(setup.sampler, network_factory, real_per_class=config.mim_real_per_class,
+                  temperature=config.mim_temperature, layers=config.mim_layers, init_generator=setup.generator)
+        for parameter in mim.parameters():
+            parameter.data = parameter.data.to(device)
+        setup.optimizer.add_param_group({"params": list(mim.parameters()), "name": "mim", "lr": config.mim_lr,
+                                         "base_lr": config.mim_lr})
+        return mim
 
     @classmethod
     def artefact_metadata(cls, config: Any) -> dict[str, str]:
