@@ -288,7 +288,8 @@ def test_a_per_class_update_shows_the_regularizers_that_class_only():
         synthetic.pixels.copy_(torch.arange(24, dtype=torch.float32).view(6, 1, 2, 2))
     before = synthetic.pixels.detach().clone()
     recorder = Recorder()
-    context = type("Context", (), {"synthetic": synthetic, "iteration": 0, "generator": torch.Generator()})()
+    context = type("Context", (), {"synthetic": synthetic, "iteration": 0, "generator": torch.Generator(),
+                                   "regularizer_generator": lambda self, update: torch.Generator()})()
     optimizer = torch.optim.SGD([{"params": [synthetic.pixels], "name": "synthetic"}], lr=0.1)
     run_iteration(OneClass(), [RegularizerTerm("rec", recorder, 1.0)], context, optimizer)
     images, labels = recorder.seen

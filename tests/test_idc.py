@@ -21,7 +21,9 @@ from infodistill.methods import (
     gradient_distance,
     method_class,
 )
+from infodistill.methods.base import CLASS_DRAWS
 from infodistill.methods.idc import match_distance
+from infodistill.seeds import stream_generator
 from infodistill.synthetic import (
     PARAMETERISATION_REGISTRY,
     MultiFormationSet,
@@ -227,8 +229,8 @@ def test_first_class_loss_equals_a_hand_computed_distance_on_the_same_draws(real
     assert first.label == 0
     network = networks[0]
 
-    generator = torch.Generator().manual_seed(3)
-    torch.randint(0, 2**62, (1,), generator=generator)  # the draw that seeded the fresh network
+    # class 0's draws of round 0 come from its own stream, (seed 3, CLASS_DRAWS, round 0, class 0)
+    generator = stream_generator(3, CLASS_DRAWS, 0, 0)
     real_batch = context.sampler.sample(0, 8, generator)
     synthetic = context.synthetic.class_images(0)  # 4 decoded images <= batch_syn: no subset drawn
     if augment is not None:

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from infodistill.data import ClassSampler
 from infodistill.errors import UserInputError
 from infodistill.methods import DistillContext, MethodSetup
+from infodistill.methods.base import POSITION_DRAWS
 from infodistill.methods.sre2l import (
     DWA,
     SRe2L,
@@ -23,6 +24,7 @@ from infodistill.methods.sre2l import (
 )
 from infodistill.models import build_model
 from infodistill.proxies import ProxyPool, train_proxy_pool
+from infodistill.seeds import stream_generator
 from infodistill.synthetic import PixelSet, SyntheticSet
 
 TEACHER_ARCH = "ConvNetGAP-2-8-bn"  # pooled: the resume test uses the teacher as its CMI pool too
@@ -193,7 +195,9 @@ def test_every_batch_gets_its_own_jitter_and_flip(real, teacher_dir):
     method.prepare(setup)
     (loss,) = list(method.iteration(_context(setup, seed=9)))
     batches = setup.synthetic.images_by_class().detach().transpose(0, 1)
-    augmented = augment_batches(batches, draw_augmentations(2, 4, True, torch.Generator().manual_seed(9)))
+    # batch j is augmented from its position's own stream, (seed 9, POSITION_DRAWS, j)
+    draws = [draw_augmentations(1, 4, True, stream_generator(9, POSITION_DRAWS, j))[0] for j in range(2)]
+    augmented = augment_batches(batches, draws)
     teacher = ProxyPool.load(teacher_dir, real.info)[0]
     expected = sum(_reference_loss(teacher, batch, torch.arange(10), 0.01, 10.0, 1.0) for batch in augmented)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

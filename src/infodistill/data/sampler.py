@@ -70,13 +70,6 @@ class ClassSampler:
         self._check_n(c, n)
         return self.images[self._draw_indices(c, n, generator)]
 
-    def skip(self, c: int, n: int, generator: torch.Generator) -> None:
-        """Advance ``generator`` exactly as :meth:`sample` ``(c, n)`` would, without gathering the images
-        (a process that does not compute class ``c`` keeps its random stream in step)."""
-        self._check_class(c)
-        self._check_n(c, n)
-        self._draw_indices(c, n, generator)
-
     def sample_classes(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """One batch of ``n`` distinct images per class, stacked as C x n x ... (classes in order)."""
         for c in range(self.num_classes):

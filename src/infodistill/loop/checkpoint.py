@@ -82,12 +82,19 @@ def save_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.o
         return
     metadata = {"iteration": str(iteration), "config": json.dumps(dataclasses.asdict(config)),
                 "regularizer_weights": json.dumps(weights), "version": __version__,
+                "random_streams": RANDOM_STREAMS,
                 "average_count": str(average.count if average is not None else 0),
                 "processes": str(split.group.world_size if split is not None else 1)}
     if calibration is not None:
         metadata["cmi_calibration"] = json.dumps(calibration)
     with atomic_path(files.checkpoint) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
+
+
+RANDOM_STREAMS = "per-unit"
+"""How a run's random draws are organised, recorded in every checkpoint: one stream per unit of work (class,
+image position, trajectory, update). Checkpoints written before (without the key) drew every class from one
+stream per iteration; their runs cannot continue exactly and are refused on resume."""
 
 
 def load_checkpoint(files: RunFiles, synthetic: SyntheticSet, optimizer: torch.optim.Optimizer,
@@ -121,6 +128,7 @@ class _Checkpoint:
     average_count: int
     written_by: int
     calibration: dict[str, float] | None
+    random_streams: str = RANDOM_STREAMS
 
 
 def _read_checkpoint(path: Path) -> _Checkpoint:
@@ -133,7 +141,8 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
             tensors=tensors, iteration=int(metadata["iteration"]), config=json.loads(metadata["config"]),
             weights=json.loads(metadata["regularizer_weights"]),
             average_count=int(metadata.get("average_count", "0")), written_by=int(metadata.get("processes", "1")),
-            calibration=json.loads(metadata["cmi_calibration"]) if "cmi_calibration" in metadata else None)
+            calibration=json.loads(metadata["cmi_calibration"]) if "cmi_calibration" in metadata else None,
+            random_streams=metadata.get("random_streams", "per-iteration"))
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserInputError(
@@ -154,6 +163,11 @@ def _check_resumable(checkpoint: _Checkpoint, files: RunFiles, config: DistillCo
             raise UserInputError(
                 f"cannot resume '{files.root}': {key} was {value!r} in the run but is {current.get(key)!r} now"
             )
+    if checkpoint.random_streams != RANDOM_STREAMS:
+        raise UserInputError(f"checkpoint '{files.checkpoint}' was written by an earlier release whose random draws "
+                             f"were one stream per iteration ({checkpoint.random_streams}), not one per class, "
+                             "image position and update; its run cannot continue exactly: start it afresh in "
+                             "another directory")
     written_by = checkpoint.written_by
     if written_by != processes and not method_class(config.method).resumable_with_other_process_count:
         raise UserInputError(f"cannot resume '{files.root}' in {processes} process(es): method '{config.method}' "

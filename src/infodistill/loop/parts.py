@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from infodistill.augment import DSA
@@ -18,17 +17,13 @@ from infodistill.loop.split import ProcessSplit
 from infodistill.methods import DistillContext, Method, MethodSetup, method_class, method_settings
 from infodistill.precision import resolve_precision
 from infodistill.regularizers import Regularizer
+from infodistill.seeds import stream_seed
 from infodistill.synthetic import SyntheticSet, build_synthetic
 from infodistill.trained import LoadCache
 
 # Independent random streams of a run: one per iteration, one for the initial set, one for calibration,
 # one for the method's preparation, one for the MIM projection heads.
 ITERATION_STREAM, INIT_STREAM, CALIBRATION_STREAM, SETUP_STREAM, REGULARIZER_STREAM = 0, 1, 2, 3, 4
-
-
-def stream_seed(seed: int, stream: int, index: int = 0, *more: int) -> int:
-    """Seed of one random stream, fixed by (run seed, stream, index, *more) and independent of every other."""
-    return int(np.random.SeedSequence([seed, stream, index, *more]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def schedule_factor(schedule: str, iteration: int, iterations: int) -> float:
@@ -138,8 +133,8 @@ def make_context(config: DistillConfig, iteration: int, synthetic: SyntheticSet,
     this process's share of a run split over processes (its classes, image positions or trajectories)."""
     generator = torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration))
 
-    def substream(index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration, index))
+    def substream(*indices: int) -> torch.Generator:
+        return torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration, *indices))
 
     share: dict[str, Any] = {"classes": classes}
     if split is not None:

@@ -81,12 +81,12 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
     for step in computed_in(precision, device, method.iteration(context)):
         matching, label = (step.loss, step.label) if isinstance(step, ClassUpdate) else (step, None)
         active = [term for term in terms if term.active(context.iteration)]
-        if matching is None:  # another process's class update (a run split by class): its draws, a zero step
+        if matching is None:  # another process's class update (a run split by class): a zero step
             _add_update(sums, _skipped_update(method, active, context), context.iteration, group)
             for parameter in learned:
                 parameter.grad = torch.zeros_like(parameter)
         else:
-            values = _loss_terms(method, active, context, to_fp32(matching), label, split, precision)
+            values = _loss_terms(method, active, context, to_fp32(matching), label, split, precision, updates)
             _add_update(sums, values, context.iteration, group)
             optimizer.zero_grad(set_to_none=True)
             # only the set and the method's tensors learn; networks stay untouched
@@ -102,10 +102,12 @@ def run_iteration(method: Method, terms: list[RegularizerTerm], context: Distill
 
 
 def _loss_terms(method: Method, active: list[RegularizerTerm], context: DistillContext, matching: torch.Tensor,
-                label: int | None, split: ProcessSplit | None, precision: str) -> dict[str, torch.Tensor]:
+                label: int | None, split: ProcessSplit | None, precision: str, update: int) -> dict[str, torch.Tensor]:
     """One update's loss terms, each float32: the method's matching loss (given), every active regularizer's on
     the images it concerns (:func:`regularized_images`), and their weighted sum ``loss/total``. In a run split
-    by trajectory rank 0 alone computes the regularizers, on the whole set; the others give zero for them."""
+    by trajectory rank 0 alone computes the regularizers, on the whole set; the others give zero for them. The
+    regularizers draw from the stream of this ``update`` (``context.regularizer_generator``), the same in every
+    process."""
     synthetic = context.synthetic
     classes = getattr(context, "classes", None)  # a minimal context (tests) need not carry it
     device = getattr(context, "device", torch.device("cpu"))  # nor its device
@@ -113,15 +115,16 @@ def _loss_terms(method: Method, active: list[RegularizerTerm], context: DistillC
     total = matching
     if active:
         images, labels = regularized_images(synthetic, label, classes)
+        generator = context.regularizer_generator(update)
         for term in active:
             if split is not None and split.replicated and not is_main(split.group):  # rank 0 adds it for the set
                 values[f"loss/{term.name}"] = torch.zeros((), device=matching.device)
                 continue
             with autocast_context(precision, device):
                 if classes is None or label is not None:
-                    value = term.regularizer.loss(images, labels, context.generator)
+                    value = term.regularizer.loss(images, labels, generator)
                 else:
-                    value = term.regularizer.class_share(images, labels, context.generator,
+                    value = term.regularizer.class_share(images, labels, generator,
                                                          len(synthetic.labels), synthetic.num_classes)
             value = to_fp32(value)
             values[f"loss/{term.name}"] = value
@@ -162,10 +165,8 @@ def _check_finite(total: float, iteration: int) -> None:
 
 
 def _skipped_update(method: Method, active: list[RegularizerTerm], context: DistillContext) -> dict[str, torch.Tensor]:
-    """For a class update another process computes: make the active regularizers' random draws, and give
-    zero for every loss term (the owner's terms make up the sums over the processes)."""
-    for term in active:
-        term.regularizer.skip_draws(context.generator)
+    """For a class update another process computes: zero for every loss term (the owner's terms make up the
+    sums over the processes; each update's draws are a stream of their own, so there is nothing to replay)."""
     zero = torch.zeros((), device=getattr(context, "device", torch.device("cpu")))
     return {f"loss/{method.name}": zero, **{f"loss/{term.name}": zero for term in active}, "loss/total": zero}
 

@@ -21,12 +21,16 @@ from infodistill.augment import DSA
 from infodistill.data import ClassSampler, DatasetInfo
 from infodistill.models.norm import BATCH_NORM_TYPES
 from infodistill.registry import Registry
+from infodistill.seeds import stream_generator
 from infodistill.settings import AT_LEAST_ONE, setting
 
 if TYPE_CHECKING:
     from infodistill.models import DistillModel
     from infodistill.trained import LoadCache
 from infodistill.synthetic import SyntheticSet
+
+CLASS_DRAWS, POSITION_DRAWS, REGULARIZER_DRAWS = 1_000_001, 1_000_002, 1_000_003
+"""Kinds of unit streams (:meth:`DistillContext.unit_generator`); trajectory k uses index k alone, far below."""
 
 
 @dataclass
@@ -55,9 +59,10 @@ class DistillContext:
     trajectories: tuple[int, ...] | None = None
     """Which of the iteration's trajectories this process computes (a run split by trajectory); None: all
     of them. Only methods with ``process_split = "trajectories"`` see a subset."""
-    substream: Callable[[int], torch.Generator] | None = None
-    """Independent random stream k >= 1 of this iteration, fixed by (seed, iteration, k); stream 0 is
-    ``generator``. Lets a process draw trajectory k without replaying the draws of trajectories before it."""
+    substream: Callable[..., torch.Generator] | None = None
+    """Independent random stream of this iteration fixed by integers ``substream(*indices)`` (and the run's seed
+    and the iteration): the stream of one unit of work, so that a process draws its own units without
+    replaying the draws of the others. None: derived from ``generator``'s seed (a context built by hand)."""
     share_set: Callable[[], None] | None = None
     """Makes the whole current set present in this process (a collective in a run split by class, where
     each process steps only its own rows); None in a one-process run."""
@@ -75,13 +80,28 @@ class DistillContext:
         """Which of the iteration's ``count`` trajectories this process computes (all in a one-process run)."""
         return list(range(count)) if self.trajectories is None else list(self.trajectories)
 
-    def trajectory_generator(self, index: int) -> torch.Generator:
-        """The random stream of trajectory ``index``: ``generator`` for the first, ``substream(index)`` after."""
-        if index == 0:
-            return self.generator
+    def unit_generator(self, *indices: int) -> torch.Generator:
+        """The random stream of one unit of work of this iteration, fixed by ``indices``."""
         if self.substream is None:
-            raise ValueError("this context has no substreams; build it with infodistill.loop.make_context")
-        return self.substream(index)
+            return stream_generator(self.generator.initial_seed(), *indices)
+        return self.substream(*indices)
+
+    def trajectory_generator(self, index: int) -> torch.Generator:
+        """The random stream of trajectory ``index``: ``generator`` for the first, its own stream after."""
+        return self.generator if index == 0 else self.unit_generator(index)
+
+    def class_generator(self, label: int, update: int = 0) -> torch.Generator:
+        """The random stream of class ``label``'s draws (real batch, DSA) for the method's ``update``-th round of
+        this iteration (an outer-loop step)."""
+        return self.unit_generator(CLASS_DRAWS, update, label)
+
+    def position_generator(self, position: int) -> torch.Generator:
+        """The random stream of the draws for image position ``position`` (the j-th image of every class)."""
+        return self.unit_generator(POSITION_DRAWS, position)
+
+    def regularizer_generator(self, update: int) -> torch.Generator:
+        """The random stream of the regularizers' draws (a proxy) at the ``update``-th image update."""
+        return self.unit_generator(REGULARIZER_DRAWS, update)
 
     def synchronise_set(self) -> None:
         """Before reading the whole set (training a network on it) in a run split by class: fetch the rows
@@ -98,27 +118,20 @@ class DistillContext:
                            image_size=self.info.image_size, seed=seed).to(self.device)
 
 
-    def paired_class_batches(self, batch_real: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per class: a real batch of up to ``batch_real`` images and the class's synthetic images,
-        both transformed by one shared DSA draw when augmenting (siamese).
-
-        Only the classes of :meth:`owned_classes` are returned (in order), but the random draws of
-        every class are made, so all processes of a split run stay in step with a one-process run."""
+    def paired_class_batches(self, batch_real: int, update: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per class of :meth:`owned_classes` (in order): a real batch of up to ``batch_real`` images and the
+        class's synthetic images, both transformed by one shared DSA draw when augmenting (siamese). Each class
+        draws from its own stream (:meth:`class_generator` of ``update``), so a process computing some classes
+        draws exactly what a one-process run draws for them."""
         synthetic = self.synthetic.images_by_class()
         real_by_class: list[torch.Tensor] = []
         synthetic_by_class: list[torch.Tensor] = []
-        owned = None if self.classes is None else set(self.classes)
-        for label in range(self.synthetic.num_classes):
-            count = min(batch_real, self.sampler.class_count(label))
-            if owned is not None and label not in owned:
-                self.sampler.skip(label, count, self.generator)
-                if self.augment is not None:  # the draw DSA.siamese makes: one parameter set of batch 1
-                    self.augment.sample(1, (synthetic.shape[-2], synthetic.shape[-1]), self.generator)
-                continue
-            real = self.sampler.sample(label, count, self.generator)
+        for label in self.owned_classes():
+            generator = self.class_generator(label, update)
+            real = self.sampler.sample(label, min(batch_real, self.sampler.class_count(label)), generator)
             syn = synthetic[label]
             if self.augment is not None:
-                real, syn = self.augment.siamese([real, syn], self.generator)
+                real, syn = self.augment.siamese([real, syn], generator)
             real_by_class.append(real)
             synthetic_by_class.append(syn)
         return real_by_class, synthetic_by_class
@@ -172,10 +185,9 @@ class ClassUpdate:
 
     A method yields this instead of a bare loss when the image update is about class ``label``;
     the loop then computes the regularizers on that class's images alone. In a run split by class a
-    process yields ``loss=None`` for a class another process owns (after making that class's random
-    draws): the loop then makes the regularizers' draws and takes the optimiser step with a zero gradient,
-    which moves the images only through the optimiser's momentum, as the one-process step does for every
-    class but ``label``.
+    process yields ``loss=None`` for a class another process owns (with no draws: each class has its own
+    stream): the loop then takes the optimiser step with a zero gradient, which moves the images only
+    through the optimiser's momentum, as the one-process step does for every class but ``label``.
     """
 
     loss: torch.Tensor | None
@@ -217,8 +229,8 @@ class Method(ABC):
     """How a run of this method divides over processes (``docs/distributed.md``), or None (one process only):
 
     * ``"classes"``: the matching loss is a sum of per-class terms, each depending only on its own class's
-      images; the method computes the classes of ``context.owned_classes()`` and makes every random draw
-      of every class whatever ``context.classes`` is. It learns no tensors beside the set, and calls
+      images; the method computes the classes of ``context.owned_classes()``, drawing each class's random
+      numbers from ``context.class_generator(label, update)``. It learns no tensors beside the set, and calls
       ``context.synchronise_set()`` before it reads the whole set (network training).
     * ``"images"``: the loss is a sum of terms over image positions j (the j-th image of every class), each
       depending only on its own images; the method computes ``context.owned_image_positions()``.

@@ -176,7 +176,7 @@ class GradientMatching(Method):
         for outer in range(outer_loop):
             if has_batch_norm(network):
                 context.calibrate_batch_norm(network, self.BATCH_NORM_IMAGES_PER_CLASS)
-            real_by_class, synthetic_by_class = context.paired_class_batches(self.batch_real)
+            real_by_class, synthetic_by_class = context.paired_class_batches(self.batch_real, update=outer)
             yield self.matching_loss(network, real_by_class, synthetic_by_class, context.owned_classes())
             if outer == outer_loop - 1:
                 break

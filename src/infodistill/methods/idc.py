@@ -231,10 +231,10 @@ class IDC(Method):
                 context.calibrate_batch_norm(network, self.BATCH_NORM_IMAGES_PER_CLASS)
             owned = set(context.owned_classes())
             for label in range(context.synthetic.num_classes):
-                real, synthetic = self.class_batches(context, label)
-                if label not in owned:
+                if label not in owned:  # another process's class: its update, with no draws to replay
                     yield ClassUpdate(None, label)
                     continue
+                real, synthetic = self.class_batches(context, label, update=outer)
                 yield ClassUpdate(self.class_loss(network, matched, real, synthetic, label), label)
             if outer == outer_loop - 1:
                 break
@@ -249,13 +249,14 @@ class IDC(Method):
                                  "choose a convolutional model such as ConvNet-3")
         return matched
 
-    def class_batches(self, context: DistillContext, label: int) -> tuple[Tensor, Tensor]:
+    def class_batches(self, context: DistillContext, label: int, update: int = 0) -> tuple[Tensor, Tensor]:
         """Class ``label``'s real batch and decoded synthetic images, after one shared DSA draw.
 
-        Draws from ``context.generator`` in this order: the real batch, then (only when the class has
-        more than ``batch_syn`` decoded images) the synthetic subset, then the DSA parameters.
+        Draws from the class's stream of round ``update`` (``context.class_generator``) in this order: the
+        real batch, then (only when the class has more than ``batch_syn`` decoded images) the synthetic
+        subset, then the DSA parameters.
         """
-        sampler, generator = context.sampler, context.generator
+        sampler, generator = context.sampler, context.class_generator(label, update)
         real = sampler.sample(label, min(self.batch_real, sampler.class_count(label)), generator)
         synthetic = context.synthetic.class_images(label)
         if len(synthetic) > self.batch_syn:

@@ -328,13 +328,14 @@ class SRe2L(Method):
 
     def iteration(self, context: DistillContext) -> Iterator[Tensor]:
         """One loss, the sum over the ipc batches of each batch's recovery loss, and one image update.
-        In a run split by image only the batches of ``context.owned_image_positions()`` are computed (every
-        batch's augmentation is still drawn, in order)."""
+        In a run split by image only the batches of ``context.owned_image_positions()`` are computed; each
+        batch's augmentation comes from its position's own stream (``context.position_generator``)."""
         batches = self.batches(context.synthetic)
-        draws = draw_augmentations(len(batches), self.jitter, self.flip, context.generator)
         positions = context.owned_image_positions()
+        draws = [draw_augmentations(1, self.jitter, self.flip, context.position_generator(position))[0]
+                 for position in positions]
         if len(positions) < len(batches):
-            batches, draws = batches[positions], [draws[position] for position in positions]
+            batches = batches[positions]
         augmented = augment_batches(batches, draws)
         labels = torch.arange(batches.shape[1], device=batches.device)
         yield self.batch_losses(augmented, labels, positions).sum()

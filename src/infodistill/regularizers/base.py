@@ -78,11 +78,6 @@ class Regularizer(ABC):
         sum to the loss of the whole set. It makes the same random draws as :meth:`loss`."""
         raise NotImplementedError(f"regularizer '{self.name}' does not split over classes")
 
-    def skip_draws(self, generator: torch.Generator) -> None:
-        """Make the random draws :meth:`loss` would make, without computing it: a process of a run split by
-        class that leaves another process's class update to it stays in step with the others."""
-        raise NotImplementedError(f"regularizer '{self.name}' does not split over classes")
-
 
 REGULARIZER_REGISTRY = Registry("regularizer")
 """Regularizer name -> class (the term's name in logs and artefacts), filled as each module is imported."""

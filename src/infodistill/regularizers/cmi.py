@@ -258,13 +258,6 @@ class CMIRegularizer(Regularizer):
         return self._over_drawn_proxies(images, generator, lambda features: cmi_share_from_features(
             features, labels, num_classes, total_samples, total_classes, per_class=self.per_class))
 
-    def skip_draws(self, generator: torch.Generator) -> None:
-        """The proxy draw of :meth:`loss`, without computing anything."""
-        if self.proxies_per_step == 1:
-            self.pool.sample_index(generator)
-        else:
-            self.pool.sample_indices(self.proxies_per_step, generator)
-
     def _over_drawn_proxies(self, images: Tensor, generator: torch.Generator,
                             value: Callable[[Tensor], Tensor]) -> Tensor:
         """``value`` of the drawn proxy's features of ``images``, or its mean over the k drawn proxies."""
