@@ -19,7 +19,8 @@ from infodistill.data import load_dataset
 from infodistill.errors import UserInputError
 from infodistill.evaluate import random_subset
 from infodistill.models import build_model
-from infodistill.training import EvalConfig, run_seeds, train_from_scratch
+from infodistill.seeds import run_seeds
+from infodistill.training import EvalConfig, train_from_scratch
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 

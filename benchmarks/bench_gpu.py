@@ -63,8 +63,9 @@ from infodistill.methods import DistributionMatching
 from infodistill.models import build_model
 from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
+from infodistill.seeds import run_seeds
 from infodistill.synthetic import PixelSet
-from infodistill.training import EvalConfig, run_seeds, train_from_scratch
+from infodistill.training import EvalConfig, train_from_scratch
 from report import emit_json  # benchmarks/report.py (scripts run from this folder)
 
 ITEMS = (

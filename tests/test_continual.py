@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from infodistill.artefact import load_set
+from infodistill.cli.parsers import configure_continual_parser
 from infodistill.errors import UserInputError
 from infodistill.experiments import continual
 from infodistill.experiments.continual import (
@@ -21,7 +22,6 @@ from infodistill.experiments.continual import (
     ContinualConfig,
     class_orders,
     command_continual,
-    configure_continual_parser,
     restrict_classes,
     run_continual,
     split_steps,

@@ -117,7 +117,7 @@ def no_training(monkeypatch):
         raise AssertionError("a model was trained before all names were checked")
 
     monkeypatch.setattr(evaluate_module, "evaluate_set", refuse)
-    monkeypatch.setattr("infodistill.cli.evaluate_set", refuse)
+    monkeypatch.setattr("infodistill.cli.commands.evaluate_set", refuse)
 
 
 @pytest.mark.parametrize("models, fragment", [

@@ -38,8 +38,9 @@ from infodistill.methods import DistillContext, DistributionMatching, MethodSetu
 from infodistill.models import build_model
 from infodistill.proxies import ProxyPool
 from infodistill.regularizers import CMIRegularizer, cmi_from_features, pool_cmi
+from infodistill.seeds import run_seeds
 from infodistill.synthetic import PixelSet
-from infodistill.training import EvalConfig, run_seeds, train_from_scratch
+from infodistill.training import EvalConfig, train_from_scratch
 
 CPU_ENV_VAR = "INFODISTILL_CUDA_TESTS_ON_CPU"
 """Set to 1 to run the ``cuda`` tests with the CPU as the second device (checks the harness, not a GPU)."""

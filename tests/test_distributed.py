@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -51,19 +50,18 @@ def pool_dir(real, tmp_path):
 
 
 def run_command(*argv, env_extra=None, timeout=120):
-    """``python -m infodistill ARGV`` in a subprocess (one thread per process: the tests share 2 cores)."""
+    """``python -m infodistill ARGV`` in a subprocess (one thread per process: the tests share 2 cores). A run
+    that hangs fails the test through ``timeout`` (subprocess.TimeoutExpired), not through a timing assert."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    started = time.perf_counter()
-    completed = subprocess.run([sys.executable, "-m", "infodistill", *map(str, argv)], capture_output=True, text=True,
-                               env=env, timeout=timeout, check=False)
-    return completed, time.perf_counter() - started
+    return subprocess.run([sys.executable, "-m", "infodistill", *map(str, argv)], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
 
 
 def one_process(*argv):
     """The one-process run of a comparison, in a subprocess with one thread like each process of the split run:
     the kernels then sum in the same order (with other thread counts DSA's and MTT's sets differ by rounding,
     benchmarks/README.md)."""
-    completed, _ = run_command(*argv)
+    completed = run_command(*argv)
     assert completed.returncode == 0, completed.stderr
 
 
@@ -119,7 +117,7 @@ def test_two_processes_distil_dm_with_cmi_into_the_same_set_as_one(striped_root,
     argv = ["distill", *TINY, "--cmi-weight", "auto", "--proxies", pool_dir, "--monitor-every", "2"]
     one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
-    completed, seconds = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    completed = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.count("wrote") == 1  # rank 0 alone reports (and writes)
 
@@ -141,7 +139,6 @@ def test_two_processes_distil_dm_with_cmi_into_the_same_set_as_one(striped_root,
     assert [sorted(line) for line in lines_one] == [sorted(line) for line in lines_two]
     for a, b in zip(lines_one, lines_two):
         assert b == {key: pytest.approx(value, rel=1e-5) for key, value in a.items()}
-    assert seconds < 60
 
 
 def test_two_processes_evaluate_the_same_runs_as_one(striped_root, tmp_path, capsys):
@@ -152,7 +149,7 @@ def test_two_processes_evaluate_the_same_runs_as_one(striped_root, tmp_path, cap
             "--precision", "fp32"]
     assert main([*argv, "--out", str(tmp_path / "one.json")]) == 0
     printed_one = capsys.readouterr().out
-    completed, _ = run_command(*argv, "--out", tmp_path / "two.json", "--nproc", "2")
+    completed = run_command(*argv, "--out", tmp_path / "two.json", "--nproc", "2")
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.replace("two.json", "X").replace("two.csv", "Y") == \
         printed_one.replace("one.json", "X").replace("one.csv", "Y")
@@ -183,12 +180,12 @@ def test_a_process_that_dies_ends_the_run_with_one_clear_line(striped_root, tmp_
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(DYING_RANK)  # imported by every process started with this PYTHONPATH
-    completed, seconds = run_command("distill", *TINY, "--iterations", "5", "--out", tmp_path / "run", "--nproc", "2",
-                                     "--dist-timeout", "20", env_extra={"PYTHONPATH": str(hooks)})
+    # the others stop at once (torchrun), at worst after the collective timeout: well inside the subprocess timeout
+    completed = run_command("distill", *TINY, "--iterations", "5", "--out", tmp_path / "run", "--nproc", "2",
+                            "--dist-timeout", "20", env_extra={"PYTHONPATH": str(hooks)}, timeout=90)
     assert completed.returncode != 0
     last = completed.stderr.strip().splitlines()[-1]
     assert "rank 1 of 2 processes exited with status 1" in last and "Traceback" not in completed.stderr
-    assert seconds < 20 + 30  # the others stop at once (torchrun), at worst after the collective timeout
     assert not (tmp_path / "run" / "set.safetensors").exists()
     with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as handle:
         assert handle.metadata()["iteration"] == "2"  # the checkpoint of iteration 2 (both alive) is kept
@@ -295,7 +292,7 @@ def test_two_processes_distil_dsa_with_cmi_into_the_same_set_as_one(striped_root
             "--cmi-weight", "10", "--proxies", pool_dir]
     one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
-    completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    completed = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
     _same_files(RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two"))  # measured bit for bit on CPU
 
@@ -309,7 +306,7 @@ def test_two_processes_distil_idc_with_cmi_into_the_same_set_as_one(striped_root
             "1", "--quiet", "--cmi-weight", "10", "--proxies", pool_dir]
     one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
-    completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    completed = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
     one, two = RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two")
     _same_files(one, two)  # measured bit for bit on CPU
@@ -333,7 +330,7 @@ def test_two_processes_recover_dwa_into_the_same_set_as_one(striped_root, teache
             "--dwa-steps", "2", "--checkpoint-every", "2", "--quiet"]
     one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
-    completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    completed = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
     one, two = RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two")
     _same_files(one, two)  # measured bit for bit on CPU (soft labels included)
@@ -381,7 +378,7 @@ def test_two_processes_split_mtt_trajectories_into_the_one_process_set(striped_r
             "--trajectories", "2", "--checkpoint-every", "2", "--cmi-weight", "1", "--proxies", pool_dir, "--quiet"]
     one_process(*argv, "--out", tmp_path / "one")
     capsys.readouterr()
-    completed, _ = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
+    completed = run_command(*argv, "--out", tmp_path / "two", "--nproc", "2", "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
     one, two = RunFiles(tmp_path / "one"), RunFiles(tmp_path / "two")
     # The one-process gradient is the autograd sum of the two trajectories' gradients, the two-process one their
@@ -403,7 +400,7 @@ def test_a_run_split_by_image_resumes_in_another_process_count(striped_root, tea
     argv = ["distill", "--method", "sre2l", "--teacher", teacher_dir, "--ipc", "2", "--lr-schedule", "constant",
             "--checkpoint-every", "2", "--quiet"]
     one_process(*argv, "--iterations", "4", "--out", tmp_path / "straight")
-    completed, _ = run_command(*argv, "--iterations", "2", "--out", tmp_path / "split", "--nproc", "2",
+    completed = run_command(*argv, "--iterations", "2", "--out", tmp_path / "split", "--nproc", "2",
                                "--dist-timeout", "60")
     assert completed.returncode == 0, completed.stderr
     with safe_open(str(tmp_path / "split" / "checkpoint.safetensors"), "pt") as handle:

@@ -12,7 +12,8 @@ from infodistill.data import DatasetInfo, load_dataset
 from infodistill.errors import UserInputError
 from infodistill.evaluate import check_set_fits, evaluate_set, random_subset
 from infodistill.models import build_model
-from infodistill.training import EvalConfig, lr_at_epoch, run_seeds, top1_accuracy, train_from_scratch
+from infodistill.seeds import run_seeds
+from infodistill.training import EvalConfig, lr_at_epoch, top1_accuracy, train_from_scratch
 
 
 def test_lr_schedule_drops_tenfold_for_the_second_half():

@@ -14,7 +14,8 @@ from infodistill.data import WhitenedData, ZCAWhitening, load_dataset, whiten
 from infodistill.errors import UserInputError
 from infodistill.experts import ExpertMetadata, ExpertTrajectories, train_experts
 from infodistill.models import build_model
-from infodistill.training import EvalConfig, run_seeds, train_from_scratch
+from infodistill.seeds import run_seeds
+from reference_training import sgd_reference
 
 MODEL = "ConvNet-1-4"
 SETTINGS = {"model": MODEL, "epochs": 2, "lr": 0.02, "batch_size": 64, "augment": "dsa", "seed": 3, "progress": False}
@@ -42,15 +43,15 @@ def test_stored_rows_are_the_initial_weights_and_the_weights_of_the_mtt_recipe(r
     assert [record.seed for record in records] == run_seeds(3, 2)
     assert sorted(path.name for path in (tmp_path / "experts").iterdir()) == [
         "expert-0000.safetensors", "expert-0001.safetensors"]
-    recipe = EvalConfig(model=MODEL, runs=1, epochs=2, lr=0.02, momentum=0.0, weight_decay=0.0, batch_size=64,
-                        augment="dsa", lr_schedule="constant")
     train_images, train_labels = real.train_tensors()
     for record in records:
         rows = trajectory(record.path)
         initial = build_model(MODEL, 1, 10, (28, 28), seed=record.seed)
         assert rows.shape == (3, flat(initial).numel()) and rows.dtype == torch.float32
         assert torch.equal(rows[0], flat(initial))
-        (reference,), _ = train_from_scratch(train_images, train_labels, 10, recipe, [record.seed], progress=False)
+        # independent reference: MTT's recipe as a plain SGD loop (tests/reference_training.py)
+        reference = sgd_reference(MODEL, train_images, train_labels, record.seed, epochs=2, lr=0.02, momentum=0.0,
+                                  weight_decay=0.0, batch_size=64, dsa=True)
         assert torch.equal(rows[-1], flat(reference))
         assert not torch.equal(rows[1], rows[0]) and not torch.equal(rows[2], rows[1])
         strings = metadata_strings(record.path)
@@ -145,9 +146,8 @@ def test_experts_on_zca_whitened_data(real, tmp_path):
     records = train_experts(real, tmp_path / "zca", count=1, **dict(SETTINGS, epochs=1, zca=0.1))
     assert metadata_strings(records[0].path)["zca"] == "0.1"
     whitened = whiten(real, 0.1)
-    recipe = EvalConfig(model=MODEL, runs=1, epochs=1, lr=0.02, momentum=0.0, weight_decay=0.0, batch_size=64,
-                        augment="dsa", lr_schedule="constant")
-    (reference,), _ = train_from_scratch(*whitened.train_tensors(), 10, recipe, [records[0].seed], progress=False)
+    reference = sgd_reference(MODEL, *whitened.train_tensors(), records[0].seed, epochs=1, lr=0.02, momentum=0.0,
+                              weight_decay=0.0, batch_size=64, dsa=True)
     assert torch.equal(trajectory(records[0].path)[-1], flat(reference))
     assert ExpertTrajectories.load(tmp_path / "zca", real.info, zca=0.1).zca == 0.1
     with pytest.raises(UserInputError, match="zca is 0.1 in expert-0000.safetensors, expected 0.0"):

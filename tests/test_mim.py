@@ -352,10 +352,10 @@ def test_state_dict_round_trip_copies_in_place():
         ("temperature", 0.0, "temperature=0.0 is not allowed; use a finite number > 0"),
         ("temperature", -1, "temperature=-1"),
         ("temperature", float("nan"), "temperature=nan"),
-        ("projection_dim", 0, "projection_dim=0 is not allowed; use an integer >= 1"),
-        ("real_per_class", 0, "real_per_class=0 is not allowed"),
+        ("projection_dim", 0, "projection_dim=0 is invalid; it must be an integer >= 1"),
+        ("real_per_class", 0, "real_per_class=0 is invalid"),
         ("real_per_class", 2.5, "real_per_class=2.5"),
-        ("layers", 0, "layers=0 is not allowed"),
+        ("layers", 0, "layers=0 is invalid"),
         ("layers", True, "layers=True"),
     ],
 )

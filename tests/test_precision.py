@@ -26,9 +26,10 @@ from infodistill.loop import DistillConfig, RegularizerTerm, build_method, disti
 from infodistill.precision import autocast_context, cpu_has_native_bf16, resolve_precision
 from infodistill.proxies import ProxyPool, train_proxy_pool
 from infodistill.regularizers import CMIRegularizer
+from infodistill.seeds import run_seeds
 from infodistill.settings import given_flags
 from infodistill.synthetic import PixelSet, build_synthetic
-from infodistill.training import EvalConfig, bf16_measured, run_seeds, train_from_scratch, use_batched_training
+from infodistill.training import EvalConfig, bf16_measured, train_from_scratch, use_batched_training
 
 # the modules of the loop that compute in a precision: one iteration, and the calibration of the CMI weight
 loop_modules = [importlib.import_module(f"infodistill.loop.{name}") for name in ("step", "calibration")]

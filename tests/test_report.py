@@ -12,11 +12,11 @@ import yaml
 from PIL import Image
 
 from infodistill.artefact import DistilledSet, SetMetadata, save_set
+from infodistill.cli.parsers import configure_report_parser
 from infodistill.errors import UserInputError
 from infodistill.experiments.report import (
     FIGURES,
     command_report,
-    configure_report_parser,
     load_run,
     load_runs,
     write_report,

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from infodistill.cli.parsers import configure_theory_parser
 from infodistill.errors import UserInputError
-from infodistill.experiments.theory import JSON_NAME, command_theory, configure_theory_parser, m_needed, run_theory
+from infodistill.experiments.theory import JSON_NAME, command_theory, m_needed, run_theory
 from infodistill.experiments.theory_figures import FIGURE_NAMES
 from infodistill.experiments.theory_maths import (
     StudentInit,

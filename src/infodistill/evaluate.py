@@ -34,14 +34,8 @@ from infodistill.files import atomic_paths
 from infodistill.models import build_model, model_names_help, parse_model_name
 from infodistill.parallel import ProcessGroup, all_gather_objects, rank_device
 from infodistill.precision import resolve_precision
-from infodistill.training import (
-    EvalConfig,
-    bf16_measured,
-    resolve_device,
-    run_seeds,
-    top1_accuracy,
-    train_from_scratch,
-)
+from infodistill.seeds import run_seeds
+from infodistill.training import EvalConfig, bf16_measured, resolve_device, top1_accuracy, train_from_scratch
 
 KD_RECIPE: dict[str, Any] = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.01, "lr_schedule": "cosine"}
 """SRe2L's relabel recipe (the student training of its CIFAR and ImageNet-1K relabel scripts): AdamW lr 0.001,

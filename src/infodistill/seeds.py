@@ -20,3 +20,9 @@ def stream_seed(seed: int, stream: int, index: int = 0, *more: int) -> int:
 def stream_generator(seed: int, *indices: int) -> torch.Generator:
     """A CPU generator seeded with :func:`stream_seed` of ``(seed, *indices)``."""
     return torch.Generator().manual_seed(stream_seed(seed, *indices))
+
+
+def run_seeds(seed: int, runs: int) -> list[int]:
+    """Independent, reproducible seeds for ``runs`` runs (evaluation runs, proxies, experts), derived from one
+    base seed: numpy's ``SeedSequence(seed).spawn(runs)``."""
+    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(runs)]

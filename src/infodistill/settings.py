@@ -115,6 +115,15 @@ def title_of(cls: type) -> str:
     return str(vars(cls).get("title", cls.__name__))
 
 
+def check_int(value: object, name: str, minimum: int = 1, owner: str = "") -> int:
+    """``value`` if it is an integer >= ``minimum`` (not a bool), else one line naming ``owner name`` and the
+    value: the one integer check of the constructors that take settings directly (methods, regularizers)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        prefix = f"{owner} " if owner else ""
+        raise UserInputError(f"{prefix}{name}={value!r} is invalid; it must be an integer >= {minimum}")
+    return value
+
+
 def flag_name(name: str) -> str:
     """The flag of a setting: ``lr_images`` -> ``--lr-images``."""
     return "--" + name.replace("_", "-")

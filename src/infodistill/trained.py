@@ -26,7 +26,7 @@ from torch import Tensor
 
 from infodistill.data import ClassSampler, DatasetInfo
 from infodistill.errors import UserInputError
-from infodistill.training import run_seeds
+from infodistill.seeds import run_seeds
 
 
 def _parse_image_size(text: str) -> tuple[int, int]:

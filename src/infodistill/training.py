@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,11 +109,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError(f"device '{name}' is not available on this machine; use --device cpu")
     return device
-
-
-def run_seeds(seed: int, runs: int) -> list[int]:
-    """Independent, reproducible seeds for each run, derived from one base seed."""
-    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(runs)]
 
 
 def lr_at_epoch(base_lr: float, epoch: int, epochs: int, schedule: str = "half") -> float:

@@ -48,7 +48,8 @@ from infodistill.methods import METHOD_REGISTRY, method_class, method_settings
 from infodistill.models import parse_model_name, pooled_variant
 from infodistill.proxies import train_proxy_pool
 from infodistill.regularizers.cmi import cmi_weight_active
-from infodistill.training import EvalConfig, run_seeds, top1_accuracy, train_from_scratch
+from infodistill.seeds import run_seeds
+from infodistill.training import EvalConfig, top1_accuracy, train_from_scratch
 
 SETTINGS_NAME = "continual_settings.json"
 JSON_NAME = "continual.json"
@@ -392,47 +393,7 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# command line (wired into ``infodistill continual`` by cli.py)
-
-
-def configure_continual_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``continual`` command's flags to ``parser`` (its handler is :func:`command_continual`)."""
-    defaults = ContinualConfig()
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the step sets and results "
-                        "(a restart with the same settings continues it)")
-    parser.add_argument("--dataset", default=defaults.dataset, metavar="NAME",
-                        help=f"dataset name (default: {defaults.dataset})")
-    parser.add_argument("--data-root", metavar="DIR", help="data root (default: $INFODISTILL_DATA or "
-                        "~/.cache/infodistill/data)")
-    parser.add_argument("--method", default=defaults.method,
-                        help=f"distillation method: {', '.join(supported_methods())} (default: {defaults.method})")
-    parser.add_argument("--ipc", type=int, default=defaults.ipc, help=f"images per class (default: {defaults.ipc})")
-    parser.add_argument("--cmi-weight", metavar="FLOAT|auto",
-                        help="weight of the CMI term; a proxy pool is trained on each step's classes (default: off)")
-    parser.add_argument("--iterations", type=int, help="distillation iterations per step (default: the method's)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help=f"training epochs of each evaluation network (default: {defaults.epochs})")
-    parser.add_argument("--steps", type=int, default=defaults.steps,
-                        help=f"class groups, must divide the number of classes (default: {defaults.steps})")
-    parser.add_argument("--orders", type=int, default=defaults.orders,
-                        help=f"class orders averaged over (default: {defaults.orders})")
-    parser.add_argument("--model", default=defaults.model,
-                        help=f"distillation (matching) network and proxy architecture (default: {defaults.model})")
-    parser.add_argument("--eval-model", default=defaults.eval_model,
-                        help=f"network trained on the memory (default: {defaults.eval_model})")
-    parser.add_argument("--batch-real", type=int, help="real images per class per iteration (default: the method's)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"base seed (default: {defaults.seed})")
-    parser.add_argument("--device", default=defaults.device, metavar="cpu|cuda",
-                        help=f"device (default: {defaults.device})")
-    parser.add_argument("--proxy-epochs", type=int, default=defaults.proxy_epochs,
-                        help=f"training epochs of each proxy (default: {defaults.proxy_epochs})")
-    parser.add_argument("--proxy-count", type=int, default=defaults.proxy_count,
-                        help=f"proxies per step's pool (default: {defaults.proxy_count})")
-    parser.add_argument("--proxy-arch", metavar="NAME",
-                        help="architecture of each step's proxies, with a pooled embedding (default: --model's "
-                             "pooled variant, e.g. ConvNetGAP-3 for ConvNet-3)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print continual.json's content")
+# command line (``infodistill continual``; its flags are in infodistill/cli/parsers.py)
 
 
 def continual_config_from_args(args: argparse.Namespace) -> ContinualConfig:

@@ -511,17 +511,6 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, baseline: RunRe
 # command line
 
 
-def configure_report_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``report`` command's arguments to ``parser`` (its handler is :func:`command_report`)."""
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run directories from `infodistill distill --out` (random-subset directories too)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and summary files")
-    parser.add_argument("--baseline", metavar="DIR",
-                        help="random real subset directory (set.safetensors from `infodistill baseline`, "
-                             "evaluation.json beside it): the reference of the gain column")
-    parser.add_argument("--json", action="store_true", help="print summary.json instead of the table")
-
-
 def command_report(args: argparse.Namespace) -> int:
     """Compare finished runs: loss, CMI and accuracy figures, image grids and a summary table in --out."""
     runs, baseline = load_runs(args.runs, args.baseline)

@@ -298,25 +298,6 @@ class Sweep:
             "baseline")) if entry["status"] != "failed"]
 
 
-def configure_sweep_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``sweep`` command's flags to ``parser`` (its handler is :func:`command_sweep`)."""
-    parser.add_argument("file", nargs="?", metavar="SWEEP.yaml",
-                        help="sweep file with sections distill, grid, evaluate, baseline (see docs/sweep.md)")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="folder of the sweep (cells, baselines, sweep.json)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="vary a distillation setting over values (repeatable; adds to the file's grid)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a distillation setting shared by every cell (repeatable; wins over the file)")
-    parser.add_argument("--epochs", type=int, metavar="E", help="evaluation epochs (wins over the file)")
-    parser.add_argument("--runs", type=int, metavar="N", help="evaluation runs per model (wins over the file)")
-    parser.add_argument("--models", metavar="A,B,...", help="evaluation models (wins over the file)")
-    parser.add_argument("--no-baseline", action="store_true", help="do not score the random-subset baselines")
-    parser.add_argument("--report", action="store_true", help="write `infodistill report` of the sweep into OUT/report")
-    parser.add_argument("--json", action="store_true", help="print sweep.json's content")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def sweep_spec_from_args(args: argparse.Namespace) -> SweepSpec:
     """The checked sweep the file and flags describe."""
     mapping = load_yaml_mapping(args.file) if args.file else {}

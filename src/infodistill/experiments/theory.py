@@ -248,7 +248,7 @@ def _sweep_summaries(config: TheoryConfig, results: dict[tuple[int, int, int], d
 
 
 # --------------------------------------------------------------------------------------------------
-# command line (wired into ``infodistill theory`` by cli.py)
+# command line (``infodistill theory``; its flags are in infodistill/cli/parsers.py)
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -264,34 +264,6 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
             raise UserInputError(f"{flag} must be a comma-separated list of integers (e.g. 2,4,8), "
                                  f"got {text!r}") from None
     return tuple(values)
-
-
-def configure_theory_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``theory`` command's flags to ``parser`` (its handler is :func:`command_theory`)."""
-    defaults = TheoryConfig()
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and theory.json")
-    parser.add_argument("--d", type=int, help=f"input dimension (default: {defaults.d})")
-    parser.add_argument("--r", type=int, help=f"number of relevant directions, 1 <= r <= d (default: {defaults.r})")
-    parser.add_argument("--width", type=int, metavar="L", help=f"hidden width L (default: {defaults.width})")
-    parser.add_argument("--n-train", type=int, metavar="N", help=f"real training points (default: {defaults.n_train})")
-    parser.add_argument("--m-values", metavar="M1,M2,...",
-                        help=f"distilled-set sizes (default: {','.join(map(str, defaults.m_values))})")
-    parser.add_argument("--sweep-r", metavar="R1,R2,...",
-                        help=f"values of r for the m-needed sweep, 'none' to skip (default: "
-                             f"{','.join(map(str, defaults.sweep_r))})")
-    parser.add_argument("--sweep-d", metavar="D1,D2,...",
-                        help=f"values of d for the sweep (default: {','.join(map(str, defaults.sweep_d))})")
-    parser.add_argument("--sweep-width", metavar="L1,L2,...",
-                        help=f"values of L for the sweep (default: {','.join(map(str, defaults.sweep_width))})")
-    parser.add_argument("--seeds", type=int, metavar="S", help=f"seeds averaged per point (default: {defaults.seeds})")
-    parser.add_argument("--distill-steps", type=int, metavar="N",
-                        help=f"Adam steps per distillation (default: {defaults.distill_steps})")
-    parser.add_argument("--seed", type=int, help=f"base seed (default: {defaults.seed})")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny setting (d=8, r=2, L=32, 2000 points) that finishes in seconds; "
-                             "other flags override it")
-    parser.add_argument("--json", action="store_true", help="print the result (theory.json's content) as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def theory_config_from_args(args: argparse.Namespace) -> TheoryConfig:

@@ -16,6 +16,7 @@ from infodistill.loop.step import LossDiverged
 from infodistill.methods import Method
 from infodistill.regularizers.base import REGULARIZER_REGISTRY
 from infodistill.synthetic import SyntheticSet
+from infodistill.synthetic.base import parameterisation_class
 
 
 def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, float], iterations: int,
@@ -23,10 +24,7 @@ def _set_metadata(config: DistillConfig, real: RealData, weights: dict[str, floa
     extra = {"model": config.model, "augment": str(config.augment), "init": str(config.init),
              "storage_floats": str(synthetic.storage_floats()), "budget_floats": str(synthetic.budget_floats()),
              **method.artefact_metadata()}
-    if config.param == "multi":
-        extra.update({"factor": str(config.factor), "upsample": config.upsample})
-    if config.param == "lowrank":
-        extra["rank"] = str(config.rank)
+    extra.update(parameterisation_class(str(config.param)).artefact_metadata(config))  # its own settings
     if config.zca > 0:
         extra["zca"] = repr(config.zca)
     if config.experts is not None:

@@ -28,6 +28,7 @@ from infodistill.methods.base import (
 )
 from infodistill.models import DistillModel, parse_model_name
 from infodistill.precision import to_fp32
+from infodistill.settings import check_int
 
 ClassBatches = Sequence[Tensor] | Tensor
 """Per-class image batches: a list (class c at position c; sizes may differ) or a K x n x C x H x W tensor."""
@@ -79,8 +80,7 @@ class DistributionMatching(Method):
         per_class_forward: bool = False,
         max_forward_images: int | None | str = "auto",
     ) -> None:
-        if isinstance(batch_real, bool) or not isinstance(batch_real, int) or batch_real < 1:
-            raise UserInputError(f"DM batch_real={batch_real!r} is invalid; it must be an integer >= 1")
+        check_int(batch_real, "batch_real", owner="DM")
         if max_forward_images not in (None, "auto") and (
             isinstance(max_forward_images, bool) or not isinstance(max_forward_images, int) or max_forward_images < 1
         ):

@@ -43,7 +43,7 @@ from infodistill.methods.base import (
     register_method,
 )
 from infodistill.models.norm import has_batch_norm
-from infodistill.settings import AT_LEAST_ONE, POSITIVE, setting
+from infodistill.settings import AT_LEAST_ONE, POSITIVE, check_int, setting
 
 
 def gradient_distance(real_grads: Sequence[Tensor], synthetic_grads: Sequence[Tensor]) -> Tensor:
@@ -77,11 +77,6 @@ def gradient_distance(real_grads: Sequence[Tensor], synthetic_grads: Sequence[Te
 def _gradient_matching_defaults(augment: bool) -> MethodDefaults:
     """Published DC/DSA settings (they do not depend on IPC; the loops do, see ``GradientMatching.loops``)."""
     return MethodDefaults(iterations=1000, lr_images=0.1, momentum_images=0.5, batch_real=256, augment=augment)
-
-
-def _positive_int(value: object, what: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserInputError(f"gradient matching {what}={value!r} is invalid; it must be an integer >= {minimum}")
 
 
 @dataclass(frozen=True)
@@ -126,12 +121,12 @@ class GradientMatching(Method):
         lr_net: float = 0.01,
         batch_train: int = 256,
     ) -> None:
-        _positive_int(batch_real, "batch_real")
-        _positive_int(batch_train, "batch_train")
+        check_int(batch_real, "batch_real", owner="gradient matching")
+        check_int(batch_train, "batch_train", owner="gradient matching")
         if outer_loop is not None:
-            _positive_int(outer_loop, "outer_loop")
+            check_int(outer_loop, "outer_loop", owner="gradient matching")
         if inner_loop is not None:
-            _positive_int(inner_loop, "inner_loop", minimum=0)
+            check_int(inner_loop, "inner_loop", minimum=0, owner="gradient matching")
         if isinstance(lr_net, bool) or not isinstance(lr_net, (int, float)) or not lr_net > 0:
             raise UserInputError(f"gradient matching lr_net={lr_net!r} is invalid; it must be a number > 0")
         self.batch_real = batch_real
@@ -153,7 +148,7 @@ class GradientMatching(Method):
         IPC takes the entry of the nearest published IPC, the smaller one on a tie (IPC 15 -> 10,
         IPC 100 -> 50).
         """
-        _positive_int(ipc, "ipc")
+        check_int(ipc, "ipc", owner="gradient matching")
         nearest = min(cls.PUBLISHED_LOOPS, key=lambda published: (abs(published - ipc), published))
         return cls.PUBLISHED_LOOPS[nearest]
 

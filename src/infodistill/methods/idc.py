@@ -78,7 +78,7 @@ from infodistill.methods.base import (
 )
 from infodistill.methods.gradient_matching import gradient_distance
 from infodistill.models.norm import has_batch_norm
-from infodistill.settings import AT_LEAST_ONE, setting
+from infodistill.settings import AT_LEAST_ONE, check_int, setting
 
 
 # sum() starts from the int 0, which it returns only for no gradients; a network always has some
@@ -111,12 +111,6 @@ def match_distance(real_grads: Sequence[Tensor], synthetic_grads: Sequence[Tenso
         if real.shape != synthetic.shape:
             raise ValueError(f"match_distance: shapes differ: {tuple(real.shape)} vs {tuple(synthetic.shape)}")
     return MATCH_METRICS[metric](real_grads, synthetic_grads)
-
-
-def _positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserInputError(f"IDC {what}={value!r} is invalid; it must be an integer >= 1")
-    return value
 
 
 @dataclass(frozen=True)
@@ -176,18 +170,18 @@ class IDC(Method):
         match_metric: str | None = None,
         batch_syn: int | None = None,
     ) -> None:
-        self.batch_real = _positive_int(batch_real, "batch_real")
-        self.outer_loop = None if outer_loop is None else _positive_int(outer_loop, "outer_loop")
+        self.batch_real = check_int(batch_real, "batch_real", owner="IDC")
+        self.outer_loop = None if outer_loop is None else check_int(outer_loop, "outer_loop", owner="IDC")
         if isinstance(lr_net, bool) or not isinstance(lr_net, (int, float)) or not lr_net > 0:
             raise UserInputError(f"IDC lr_net={lr_net!r} is invalid; it must be a number > 0")
         self.lr_net = float(lr_net)
-        self.net_steps = None if net_steps is None else _positive_int(net_steps, "net_steps")
-        self.batch_net = 64 if batch_net is None else _positive_int(batch_net, "batch_net")
+        self.net_steps = None if net_steps is None else check_int(net_steps, "net_steps", owner="IDC")
+        self.batch_net = 64 if batch_net is None else check_int(batch_net, "batch_net", owner="IDC")
         metric = "mse" if match_metric is None else match_metric
         if metric not in MATCH_METRICS:
             raise UserInputError(f"IDC match_metric '{metric}' is not one of: {', '.join(MATCH_METRICS)}")
         self.match_metric = metric
-        self.batch_syn = 128 if batch_syn is None else _positive_int(batch_syn, "batch_syn")
+        self.batch_syn = 128 if batch_syn is None else check_int(batch_syn, "batch_syn", owner="IDC")
 
     @classmethod
     def normalised_lr(cls, ipc: int, std: Sequence[float]) -> float:

@@ -37,7 +37,7 @@ from infodistill.errors import UserInputError
 from infodistill.models import build_model
 from infodistill.models.resnet import BasicBlock
 from infodistill.regularizers.base import Regularizer, RegularizerSetup, register_regularizer
-from infodistill.settings import AT_LEAST_ONE, POSITIVE, Bounds, setting
+from infodistill.settings import AT_LEAST_ONE, POSITIVE, Bounds, check_int, setting
 
 BLOCK_END_TYPES: tuple[type[nn.Module], ...] = (nn.AvgPool2d, nn.MaxPool2d, BasicBlock)
 """Top-level modules of a network's ``features`` whose output ends a block: the pooling layers of
@@ -146,12 +146,6 @@ def _frozen(network: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserInputError(f"{name}={value!r} is not allowed; use an integer >= 1")
-    return value
-
-
 @dataclass(frozen=True)
 class MIMSettings:
     """Settings of the MIM4DD contrastive regularizer (on with ``mim_weight`` above 0)."""
@@ -240,9 +234,9 @@ class MIMRegularizer(Regularizer):
         layers: int = 1,
         init_generator: torch.Generator | None = None,
     ) -> None:
-        self.real_per_class = _check_positive_int("real_per_class", real_per_class)
-        self.projection_dim = _check_positive_int("projection_dim", projection_dim)
-        self.layers = _check_positive_int("layers", layers)
+        self.real_per_class = check_int(real_per_class, "real_per_class")
+        self.projection_dim = check_int(projection_dim, "projection_dim")
+        self.layers = check_int(layers, "layers")
         if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                 or not math.isfinite(temperature) or temperature <= 0):
             raise UserInputError(f"temperature={temperature!r} is not allowed; use a finite number > 0")

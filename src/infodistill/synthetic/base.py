@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -28,6 +29,15 @@ class SyntheticSet(nn.Module):
     class's images decode from its own rows alone. A run split over processes relies on it to step and
     gather each class's rows (``docs/distributed.md``); a parameterisation whose stored tensors mix
     classes (a shared basis) sets False and is refused there."""
+    settings: ClassVar[type | None] = None
+    """The dataclass declaring this parameterisation's settings (their help and range), or None."""
+
+    @classmethod
+    def artefact_metadata(cls, config: Any) -> dict[str, str]:
+        """What a run's artefact records of this parameterisation: its settings, as strings."""
+        if cls.settings is None:
+            return {}
+        return {field.name: str(getattr(config, field.name)) for field in dataclasses.fields(cls.settings)}
 
     def __init__(self, num_classes: int, images_per_class: int) -> None:
         super().__init__()
@@ -68,6 +78,13 @@ class SyntheticSet(nn.Module):
 
 PARAMETERISATION_REGISTRY: dict[str, Callable[..., SyntheticSet]] = {}
 """Name (``--param NAME``) -> initialiser ``initialise(sampler, ipc, init, generator, **settings)``."""
+
+
+def parameterisation_class(name: str) -> type[SyntheticSet]:
+    """The registered class for ``name``, or a one-line error listing the known parameterisations."""
+    if name not in PARAMETERISATION_REGISTRY:
+        raise UserInputError(f"param '{name}' is not one of: {', '.join(sorted(PARAMETERISATION_REGISTRY))}")
+    return PARAMETERISATION_REGISTRY[name].__self__  # type: ignore[attr-defined]
 
 
 def register_parameterisation(name: str) -> Callable[[Any], Any]:

@@ -74,6 +74,8 @@ class LowRankSet(SyntheticSet):
     methods, regularizers and the artefact see) is ``stored_per_class * images_per_stored(H, W, rank)``.
     """
 
+    settings = LowRankSettings
+
     def __init__(self, num_classes: int, stored_per_class: int, image_shape: tuple[int, int, int],
                  rank: int = 2) -> None:
         channels, height, width = image_shape

@@ -115,6 +115,8 @@ class MultiFormationSet(SyntheticSet):
     ``stored`` has exactly the size of a :class:`~infodistill.synthetic.PixelSet` at the same IPC.
     """
 
+    settings = MultiSettings
+
     def __init__(self, num_classes: int, stored_per_class: int, image_shape: tuple[int, int, int],
                  factor: int = 2, upsample: str = "bilinear") -> None:
         factor = check_factor(factor, image_shape[1], image_shape[2])
