@@ -9,13 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from infodistill.errors import UserInputError
+from infodistill.experiments.runs import RunRecord
 from infodistill.intervals import Interval, arm_interval, paired_difference
-
-if TYPE_CHECKING:
-    from infodistill.experiments.report import RunRecord
 
 NOT_SETTINGS = frozenset({"seed", "resolved_weights", "cmi_calibration", "device", "data_root", "checkpoint_every",
                           "monitor_every", "eval_every", "eval_runs", "eval_epochs", "eval_model"})
