@@ -21,6 +21,7 @@ from infodistill.data import (
     resolve_data_root,
 )
 from infodistill.data import datasets as datasets_module
+from infodistill.data import formats as formats_module
 from infodistill.errors import UserInputError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -114,7 +115,7 @@ def test_idx_file_with_wrong_magic_and_broken_gzip_are_refused(tmp_path, rng):
         load_dataset("mnist", data_root=tmp_path)
     images_path.write_bytes(images_path.read_bytes()[:40])  # a cut-off gzip stream
     with pytest.raises(UserInputError, match="gzip") as caught:
-        datasets_module.read_idx(images_path, datasets_module.IDX_IMAGES_MAGIC)
+        formats_module.read_idx(images_path, formats_module.IDX_IMAGES_MAGIC)
     assert str(images_path) in str(caught.value)
 
 
@@ -225,7 +226,7 @@ def test_restricted_unpickler_refuses_code_execution(tmp_path, rng):
     eval_pickle = tmp_path / "eval.pkl"
     eval_pickle.write_bytes(pickle.dumps(eval))  # names builtins.eval
     with pytest.raises(UserInputError, match="builtins.eval"):
-        datasets_module.load_restricted_pickle(eval_pickle)
+        formats_module.load_restricted_pickle(eval_pickle)
 
 
 def test_restricted_unpickler_reads_modern_numpy_pickles(tmp_path):
@@ -233,7 +234,7 @@ def test_restricted_unpickler_reads_modern_numpy_pickles(tmp_path):
     for protocol in (2, 4, 5):
         path = tmp_path / f"p{protocol}.pkl"
         path.write_bytes(pickle.dumps({b"data": array, b"labels": [3, 4]}, protocol=protocol))
-        loaded = datasets_module.load_restricted_pickle(path)
+        loaded = formats_module.load_restricted_pickle(path)
         np.testing.assert_array_equal(loaded[b"data"], array)
         assert loaded[b"labels"] == [3, 4]
 

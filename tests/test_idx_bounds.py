@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from infodistill.data import datasets
+from infodistill.data import formats
 from infodistill.errors import UserInputError
 
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions (the MNIST/Fashion-MNIST image files)
@@ -40,13 +40,13 @@ class _Counting(io.RawIOBase):
 
 def _counting_open(monkeypatch):
     opened = []
-    original = datasets._open_maybe_gzip
+    original = formats._open_maybe_gzip
 
     def counting(path):
         opened.append(_Counting(original(path)))
         return opened[-1]
 
-    monkeypatch.setattr(datasets, "_open_maybe_gzip", counting)
+    monkeypatch.setattr(formats, "_open_maybe_gzip", counting)
     return opened
 
 
@@ -55,7 +55,7 @@ def test_a_payload_longer_than_the_header_is_refused_without_decompressing_it(tm
     _bomb(path, (2, 2, 2), payload_bytes=64 << 20)  # 8 bytes announced, 64 MiB inside, ~64 KiB on disk
     opened = _counting_open(monkeypatch)
     with pytest.raises(UserInputError, match="longer than its header says"):
-        datasets.read_idx(path, IMAGES_MAGIC)
+        formats.read_idx(path, IMAGES_MAGIC)
     assert opened[0].count == 16 + 8 + 1  # magic and sizes, the 8 announced bytes, one more
 
 
@@ -64,5 +64,5 @@ def test_a_header_announcing_more_than_the_bound_is_refused_after_the_header(tmp
     _bomb(path, (100_000, 1_000, 1_000), payload_bytes=4 << 20)  # announces 1e11 bytes
     opened = _counting_open(monkeypatch)
     with pytest.raises(UserInputError, match="more than the 4294967296 this reader accepts"):
-        datasets.read_idx(path, IMAGES_MAGIC)
+        formats.read_idx(path, IMAGES_MAGIC)
     assert opened[0].count == 16

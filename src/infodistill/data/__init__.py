@@ -9,14 +9,12 @@ from infodistill.data.datasets import (
     DatasetSpec,
     MissingFiles,
     RealData,
-    RestrictedUnpickler,
     Splits,
     dataset_info,
     load_dataset,
-    load_restricted_pickle,
-    read_idx,
     resolve_data_root,
 )
+from infodistill.data.formats import RestrictedUnpickler, load_restricted_pickle, read_idx
 from infodistill.data.sampler import ClassSampler
 from infodistill.data.zca import WhitenedData, ZCAWhitening, whiten
 

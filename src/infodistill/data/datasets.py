@@ -2,29 +2,21 @@
 
 Every built-in dataset is one entry in :data:`DATASET_REGISTRY` (its fixed description, a reader
 that turns a data root into arrays, and a downloader); ``folder:PATH`` datasets are handled by the
-prefix registry :data:`DATASET_PREFIXES`. Readers are written here rather than borrowed from
-torchvision so that they never unpickle arbitrary code (CIFAR), check the files they read (IDX
-headers, shapes, label ranges) and turn every problem into one readable :class:`UserInputError`.
-torchvision is used only to download.
+prefix registry :data:`DATASET_PREFIXES`. The format readers (:mod:`infodistill.data.formats`) are
+written rather than borrowed from torchvision so that they never unpickle arbitrary code (CIFAR), check
+the files they read (IDX headers, shapes, label ranges) and turn every problem into one readable
+:class:`UserInputError`; the types are in :mod:`infodistill.data.types`. torchvision is used only to
+download.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
-import importlib
-import io
-import math
 import os
-import pickle
 import warnings
-import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +24,18 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from infodistill.data.formats import (
+    GRAYSCALE_MODES,
+    IDX_FILES,
+    IMAGE_EXTENSIONS,
+    decode_images,
+    find_idx_files,
+    is_image_file,
+    read_cifar,
+    read_idx_images_and_labels,
+    read_svhn,
+)
+from infodistill.data.types import DatasetInfo, DatasetSpec, MissingFiles, RealData, Splits
 from infodistill.errors import UserInputError
 from infodistill.files import atomic_path
 
@@ -46,209 +50,10 @@ TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINY_IMAGENET_CACHE_NAME = "infodistill-cache.safetensors"
 TINY_IMAGENET_CACHE_FORMAT = "infodistill-tiny-imagenet-v1"
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-"""File suffixes (lower case) that a ``folder:PATH`` dataset treats as images."""
-
-GRAYSCALE_MODES = ("1", "L", "LA")
-"""PIL modes counted as grayscale when deciding whether a folder dataset has 1 or 3 channels."""
-
-IDX_IMAGES_MAGIC = 0x00000803
-IDX_LABELS_MAGIC = 0x00000801
-
-
-# ----------------------------------------------------------------------------------------------
-# Public data types
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and the evaluation need to know about a dataset, without its pixels."""
-
-    name: str
-    channels: int
-    image_size: tuple[int, int]
-    num_classes: int
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(f"{self.name}: mean/std need {self.channels} entries, got {self.mean} / {self.std}")
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{self.name}: {self.num_classes} classes but {len(self.class_names)} class names")
-
-
-@dataclass
-class RealData:
-    """A dataset held in memory as uint8 images (N x C x H x W) and int64 labels, both splits."""
-
-    info: DatasetInfo
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-
-    def _statistics(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(self.info.mean, dtype=torch.float32, device=reference.device).view(-1, 1, 1)
-        std = torch.tensor(self.info.std, dtype=torch.float32, device=reference.device).view(-1, 1, 1)
-        return mean, std
-
-    def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """Pixel values 0..255 -> float32 ``(x / 255 - mean) / std`` per channel (C x H x W or a batch)."""
-        mean, std = self._statistics(images_uint8)
-        return (images_uint8.to(torch.float32) / 255.0 - mean) / std
-
-    def denormalise(self, images: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`normalise`: float images in [0, 1] pixel units (not clamped)."""
-        mean, std = self._statistics(images)
-        return images.to(torch.float32) * std + mean
-
-    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised float32 training images and their labels."""
-        return self.normalise(self.train_images), self.train_labels
-
-    def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised float32 test images and their labels."""
-        return self.normalise(self.test_images), self.test_labels
-
-    def training_subset(self, per_class: int, seed: int) -> RealData:
-        """The same data with a class-balanced random part of the training split (``per_class`` images
-        of each class, drawn with ``seed``); the test split is kept whole. For quick experts and demos."""
-        from infodistill.data.sampler import ClassSampler
-
-        sampler = ClassSampler(self.train_images, self.train_labels, self.info.num_classes)
-        images, labels = sampler.random_subset(per_class, torch.Generator().manual_seed(seed))
-        return dataclasses.replace(self, train_images=images, train_labels=labels)
-
-
-class Splits(NamedTuple):
-    """What a reader returns: uint8 N x C x H x W arrays, integer labels, optional class names."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    class_names: tuple[str, ...] | None = None
-
-
-class MissingFiles(Exception):
-    """Raised by a reader when the files are not there; carries every path it looked for."""
-
-    def __init__(self, paths: Sequence[str]):
-        super().__init__(", ".join(paths))
-        self.paths = list(paths)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One registered dataset: its fixed description, how to read it and how to download it.
-
-    ``read(root)`` returns :class:`Splits` or raises :class:`MissingFiles`; ``download(root)``
-    fetches the files into the data root; ``describe(root)`` (optional) refines the fixed info from
-    small side files (Tiny-ImageNet's class names); ``how_to_get`` is appended to the missing-files
-    message.
-    """
-
-    info: DatasetInfo
-    read: Callable[[Path], Splits]
-    download: Callable[[Path], None]
-    describe: Callable[[Path], DatasetInfo] | None = None
-    how_to_get: str = ""
-
 
 # ----------------------------------------------------------------------------------------------
 # IDX (MNIST, Fashion-MNIST)
 # ----------------------------------------------------------------------------------------------
-
-
-MAX_IDX_BYTES = 1 << 32
-"""The largest IDX payload read (4 GiB; the largest real one, EMNIST's, is under 1 GiB): a header claiming more
-is refused before anything is decompressed."""
-
-
-def _open_maybe_gzip(path: Path) -> io.BufferedIOBase:
-    """``path`` opened for reading bytes, through gzip when its name ends in ``.gz``."""
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def _read_idx_stream(path: Path, handle: io.BufferedIOBase, expected_magic: int) -> tuple[tuple[int, ...], bytes]:
-    """The shape in the header and exactly the payload it announces, read from ``handle``: the header is
-    checked first, so a small compressed file that expands to gigabytes is refused after a few bytes."""
-    head = handle.read(4)
-    if len(head) < 4:
-        raise UserInputError(f"IDX file {path} is truncated: {len(head)} bytes, shorter than the 4-byte magic number")
-    magic = int.from_bytes(head, "big")
-    if magic != expected_magic:
-        raise UserInputError(f"IDX file {path} has magic number 0x{magic:08x}; expected 0x{expected_magic:08x}")
-    ndim = magic & 0xFF
-    sizes = handle.read(4 * ndim)
-    if len(sizes) < 4 * ndim:
-        raise UserInputError(
-            f"IDX file {path} is truncated inside its header ({4 + len(sizes)} of {4 + 4 * ndim} bytes)")
-    shape = tuple(int.from_bytes(sizes[4 * i : 4 + 4 * i], "big") for i in range(ndim))
-    expected = math.prod(shape)
-    if expected > MAX_IDX_BYTES:
-        raise UserInputError(f"IDX file {path} announces shape {list(shape)}: {expected} bytes, more than the "
-                             f"{MAX_IDX_BYTES} this reader accepts")
-    payload = handle.read(expected + 1)  # one byte more tells a file longer than its header says
-    if len(payload) != expected:
-        problem = "truncated" if len(payload) < expected else "longer than its header says"
-        found = len(payload) if len(payload) < expected else "more"
-        raise UserInputError(f"IDX file {path} is {problem}: shape {list(shape)} needs {expected} data bytes, "
-                             f"found {found}")
-    return shape, payload
-
-
-def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
-    """Parse an IDX file (plain or ``.gz``) holding unsigned bytes; check its header and length.
-
-    The header is a big-endian 32-bit magic number (0x0000080D: unsigned bytes, D dimensions)
-    followed by D big-endian 32-bit sizes; the payload must hold exactly their product of bytes.
-    """
-    path = Path(path)
-    try:
-        with _open_maybe_gzip(path) as handle:
-            shape, payload = _read_idx_stream(path, handle, expected_magic)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-        raise UserInputError(f"IDX file {path} is not a complete gzip file ({error})") from error
-    except OSError as error:
-        raise UserInputError(f"cannot read IDX file {path}: {error.strerror or error}") from error
-    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
-
-
-_IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def _find_idx_files(folder: Path) -> dict[str, Path] | None:
-    """The four IDX files in ``folder`` (plain name preferred, else ``.gz``), or None if any is absent."""
-    found = {}
-    for role, stem in _IDX_FILES.items():
-        for candidate in (folder / stem, folder / f"{stem}.gz"):
-            if candidate.is_file():
-                found[role] = candidate
-                break
-        else:
-            return None
-    return found
-
-
-def _read_idx_images_and_labels(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(images_path, IDX_IMAGES_MAGIC)
-    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
-    if images.ndim != 3:
-        raise UserInputError(f"IDX file {images_path} holds {images.ndim}-d data; expected N x H x W images")
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise UserInputError(
-            f"IDX file {labels_path} holds {list(labels.shape)} labels; expected {len(images)} to match {images_path}"
-        )
-    return images[:, None, :, :], labels.astype(np.int64)
 
 
 def _idx_search_folders(folder_name: str, extra_folders: Callable[[], Sequence[Path]], root: Path) -> list[Path]:
@@ -259,12 +64,12 @@ def _read_idx_dataset(folder_name: str, extra_folders: Callable[[], Sequence[Pat
     """Read the first folder that holds all four IDX files: ``<root>/<folder_name>/raw``, then extras."""
     folders = _idx_search_folders(folder_name, extra_folders, root)
     for folder in folders:
-        files = _find_idx_files(folder)
+        files = find_idx_files(folder)
         if files is not None:
-            train = _read_idx_images_and_labels(files["train_images"], files["train_labels"])
-            test = _read_idx_images_and_labels(files["test_images"], files["test_labels"])
+            train = read_idx_images_and_labels(files["train_images"], files["train_labels"])
+            test = read_idx_images_and_labels(files["test_images"], files["test_labels"])
             return Splits(*train, *test)
-    raise MissingFiles([f"{folder / stem}[.gz]" for folder in folders for stem in _IDX_FILES.values()])
+    raise MissingFiles([f"{folder / stem}[.gz]" for folder in folders for stem in IDX_FILES.values()])
 
 
 def _debian_fashion_mnist_folders() -> list[Path]:
@@ -276,188 +81,8 @@ def _no_extra_folders() -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# CIFAR (restricted unpickling)
-# ----------------------------------------------------------------------------------------------
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    """Stand-in for ``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes objects."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-_PICKLE_ALLOWED: dict[tuple[str, str], tuple[str, str] | Callable[..., Any]] = {
-    ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"): ("numpy._core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"): ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"): ("numpy", "ndarray"),
-    ("numpy", "dtype"): ("numpy", "dtype"),
-    ("_codecs", "encode"): _latin1_encode,
-}
-"""Globals a CIFAR pickle may name (as written by Python 2 or 3), mapped to what they resolve to."""
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays, dicts, lists and strings, and nothing else.
-
-    Any other global (``os.system``, ``builtins.eval``, ...) is refused, so a crafted file cannot run
-    code while being loaded.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        target = _PICKLE_ALLOWED.get((module, name))
-        if target is None:
-            raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
-        if callable(target):
-            return target
-        target_module, target_name = target
-        return getattr(importlib.import_module(target_module), target_name)
-
-
-def load_restricted_pickle(path: str | os.PathLike) -> Any:
-    """Load a CIFAR-style pickle (``encoding='bytes'``) through :class:`RestrictedUnpickler`."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            return RestrictedUnpickler(handle, encoding="bytes").load()
-    except pickle.UnpicklingError as error:
-        raise UserInputError(f"pickle file {path} was refused or is malformed: {error}") from error
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
-        raise UserInputError(
-            f"pickle file {path} is truncated or malformed: {error or type(error).__name__}"
-        ) from error
-    except OSError as error:
-        raise UserInputError(f"cannot read pickle file {path}: {error.strerror or error}") from error
-
-
-def _entry(mapping: Any, key: str, path: Path) -> Any:
-    """``mapping[key]`` whether the pickle stored the key as bytes (Python 2) or str."""
-    if isinstance(mapping, dict):
-        for candidate in (key.encode(), key):
-            if candidate in mapping:
-                return mapping[candidate]
-    raise UserInputError(f"pickle file {path} has no entry '{key}' (is it the right file?)")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _read_cifar_batches(paths: Sequence[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for path in paths:
-        batch = load_restricted_pickle(path)
-        data = np.asarray(_entry(batch, "data", path))
-        batch_labels = np.asarray(_entry(batch, label_key, path), dtype=np.int64)
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise UserInputError(
-                f"pickle file {path}: 'data' is {data.dtype} {list(data.shape)}; expected uint8 N x 3072"
-            )
-        if batch_labels.shape != (len(data),):
-            raise UserInputError(f"pickle file {path}: {batch_labels.size} labels for {len(data)} images")
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(batch_labels)
-    return np.concatenate(images), np.concatenate(labels)
-
-
-def _read_cifar(
-    folder_name: str,
-    train_files: Sequence[str],
-    test_file: str,
-    meta_file: str,
-    label_key: str,
-    names_key: str,
-    root: Path,
-) -> Splits:
-    folder = root / folder_name
-    needed = [folder / name for name in (*train_files, test_file, meta_file)]
-    if not all(path.is_file() for path in needed):
-        raise MissingFiles([str(path) for path in needed])
-    train_images, train_labels = _read_cifar_batches([folder / name for name in train_files], label_key)
-    test_images, test_labels = _read_cifar_batches([folder / test_file], label_key)
-    meta_path = folder / meta_file
-    names = tuple(_text(name) for name in _entry(load_restricted_pickle(meta_path), names_key, meta_path))
-    return Splits(train_images, train_labels, test_images, test_labels, names)
-
-
-# ----------------------------------------------------------------------------------------------
-# SVHN (MATLAB v5)
-# ----------------------------------------------------------------------------------------------
-
-
-def _read_svhn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import scipy.io  # imported here: scipy is slow to import and only SVHN needs it
-
-    try:
-        contents = scipy.io.loadmat(str(path))
-    except Exception as error:  # scipy raises many types (MatReadError, ValueError, OSError, ...)
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise UserInputError(f"cannot read MATLAB file {path}: {reason}") from error
-    if "X" not in contents or "y" not in contents:
-        raise UserInputError(f"MATLAB file {path} lacks the variables 'X' and 'y' of an SVHN file")
-    images, labels = np.asarray(contents["X"]), np.asarray(contents["y"]).reshape(-1).astype(np.int64)
-    if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.dtype != np.uint8:
-        raise UserInputError(f"MATLAB file {path}: X is {images.dtype} {list(images.shape)}; expected uint8 32x32x3xN")
-    if len(labels) != images.shape[3]:
-        raise UserInputError(f"MATLAB file {path}: {len(labels)} labels for {images.shape[3]} images")
-    if len(labels) and (labels.min() < 1 or labels.max() > 10):
-        raise UserInputError(
-            f"MATLAB file {path}: labels span {labels.min()}..{labels.max()}; SVHN labels are 1..10"
-        )
-    labels[labels == 10] = 0  # SVHN writes digit 0 as label 10
-    return np.ascontiguousarray(images.transpose(3, 2, 0, 1)), labels
-
-
-def _read_svhn(root: Path) -> Splits:
-    folder = root / "svhn"
-    train_path, test_path = folder / "train_32x32.mat", folder / "test_32x32.mat"
-    if not (train_path.is_file() and test_path.is_file()):
-        raise MissingFiles([str(train_path), str(test_path)])
-    return Splits(*_read_svhn_file(train_path), *_read_svhn_file(test_path))
-
-
-# ----------------------------------------------------------------------------------------------
 # Image files (Tiny-ImageNet, folder:PATH)
 # ----------------------------------------------------------------------------------------------
-
-
-def _decode_images(paths: Sequence[Path], mode: str, size: tuple[int, int]) -> np.ndarray:
-    """Decode image files into an N x C x H x W uint8 array, in parallel threads (PIL releases the GIL).
-
-    ``size`` is (H, W); an image of another size is refused naming the file.
-    """
-    height, width = size
-    channels = 1 if mode == "L" else 3
-    decoded = np.empty((len(paths), height, width, channels), dtype=np.uint8)
-
-    def decode(index: int) -> None:
-        path = paths[index]
-        try:
-            with Image.open(path) as image:
-                if image.size != (width, height):
-                    raise UserInputError(
-                        f"image {path} is {image.size[1]}x{image.size[0]} (HxW); "
-                        f"expected {height}x{width} like the others"
-                    )
-                decoded[index] = np.asarray(image.convert(mode)).reshape(height, width, channels)
-        except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
-            if isinstance(error, UserInputError):
-                raise
-            raise UserInputError(f"cannot decode image {path}: {error}") from error
-
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(decode, range(len(paths))):
-            pass
-    return np.ascontiguousarray(decoded.transpose(0, 3, 1, 2))
-
-
-def _is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> bool:
@@ -542,7 +167,7 @@ def _read_tiny_imagenet(root: Path) -> Splits:
         images_folder = folder / "train" / wnid / "images"
         if not images_folder.is_dir():
             raise MissingFiles([str(images_folder)])
-        files = sorted(path for path in images_folder.iterdir() if _is_image_file(path))
+        files = sorted(path for path in images_folder.iterdir() if is_image_file(path))
         train_paths += files
         train_labels += [label_of[wnid]] * len(files)
     test_paths: list[Path] = []
@@ -560,9 +185,9 @@ def _read_tiny_imagenet(root: Path) -> Splits:
         test_labels.append(label_of[fields[1]])
 
     arrays = {
-        "train_images": _decode_images(train_paths, "RGB", (64, 64)),
+        "train_images": decode_images(train_paths, "RGB", (64, 64)),
         "train_labels": np.asarray(train_labels, dtype=np.int64),
-        "test_images": _decode_images(test_paths, "RGB", (64, 64)),
+        "test_images": decode_images(test_paths, "RGB", (64, 64)),
         "test_labels": np.asarray(test_labels, dtype=np.int64),
     }
     _atomic_save_tensors(
@@ -597,7 +222,7 @@ def _folder_files(split_folder: Path, classes: Sequence[str]) -> tuple[list[Path
         class_folder = split_folder / class_name
         if not class_folder.is_dir():
             continue
-        files = sorted(path for path in class_folder.rglob("*") if _is_image_file(path))
+        files = sorted(path for path in class_folder.rglob("*") if is_image_file(path))
         paths += files
         labels += [label] * len(files)
     return paths, labels
@@ -656,8 +281,8 @@ def _load_image_folder(argument: str, data_root: Path) -> RealData:
     assert size is not None
     mode = "L" if all_grayscale else "RGB"
     height_width = (size[1], size[0])
-    train_images = torch.from_numpy(_decode_images(train_paths, mode, height_width))
-    test_images = torch.from_numpy(_decode_images(test_paths, mode, height_width))
+    train_images = torch.from_numpy(decode_images(train_paths, mode, height_width))
+    test_images = torch.from_numpy(decode_images(test_paths, mode, height_width))
     mean, std = _channel_statistics(train_images)
     info = DatasetInfo(
         name=f"folder:{base}",
@@ -758,7 +383,7 @@ DATASET_REGISTRY: dict[str, DatasetSpec] = {
                 (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
             ),
             read=functools.partial(
-                _read_cifar, "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                read_cifar, "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
                 "test_batch", "batches.meta", "labels", "label_names",
             ),
             download=functools.partial(_download_with_torchvision, "CIFAR10", "", ({"train": True},)),
@@ -768,13 +393,13 @@ DATASET_REGISTRY: dict[str, DatasetSpec] = {
                 "cifar100", 3, (32, 32), 100, _CIFAR100_CLASSES,
                 (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762),
             ),
-            read=functools.partial(_read_cifar, "cifar-100-python", ("train",), "test", "meta", "fine_labels",
+            read=functools.partial(read_cifar, "cifar-100-python", ("train",), "test", "meta", "fine_labels",
                                    "fine_label_names"),
             download=functools.partial(_download_with_torchvision, "CIFAR100", "", ({"train": True},)),
         ),
         DatasetSpec(
             info=DatasetInfo("svhn", 3, (32, 32), 10, _DIGITS, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-            read=_read_svhn,
+            read=read_svhn,
             download=functools.partial(_download_with_torchvision, "SVHN", "svhn",
                                        ({"split": "train"}, {"split": "test"})),
         ),
