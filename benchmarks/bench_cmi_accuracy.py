@@ -20,7 +20,7 @@ from infodistill.artefact import load_set, save_set
 from infodistill.data import ClassSampler, load_dataset
 from infodistill.evaluate import evaluate_set, random_subset
 from infodistill.loop import CALIBRATION_STREAM, DistillConfig, build_method, distill, make_context
-from infodistill.proxies import ProxyPool, proxy_files, train_proxy_pool
+from infodistill.proxies import PROXY_FILES, ProxyPool, train_proxy_pool
 from infodistill.regularizers import pool_cmi
 from infodistill.synthetic import PixelSet
 from infodistill.training import EvalConfig
@@ -50,7 +50,7 @@ def main() -> None:
     real = load_dataset("fashion-mnist")
     started = time.perf_counter()
     pool_dir = work / "pool"
-    if len(proxy_files(pool_dir) if pool_dir.exists() else []) < args.proxy_count:
+    if len(PROXY_FILES.listed(pool_dir) if pool_dir.exists() else []) < args.proxy_count:
         train_proxy_pool(real, pool_dir, arch=args.proxy_arch, count=args.proxy_count, epochs=args.proxy_epochs,
                          seed=args.seed, progress=True)
     pool_seconds = time.perf_counter() - started

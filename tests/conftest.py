@@ -67,14 +67,14 @@ def run_killed_after_iteration(index: int, config, out_dir, real, monkeypatch) -
 
 def initial_pixel_images(config, real):
     """The real images a run of ``config`` starts from (its init stream drawing a pixel set)."""
-    import torch
 
     from infodistill.data import ClassSampler
-    from infodistill.loop import INIT_STREAM, stream_seed
+    from infodistill.loop import INIT_STREAM
+    from infodistill.seeds import stream_generator
     from infodistill.synthetic import PixelSet
 
     images, labels = real.train_tensors()
-    generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
+    generator = stream_generator(config.seed, INIT_STREAM)
     return PixelSet.initialise(ClassSampler(images, labels, real.info.num_classes), config.ipc, "real",
                                generator).images().detach()
 

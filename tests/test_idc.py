@@ -359,9 +359,9 @@ def test_idc_runs_through_the_loop_with_and_without_cmi(real, tmp_path, with_cmi
 
 
 def _init_generator(seed: int) -> torch.Generator:
-    from infodistill.loop import INIT_STREAM, stream_seed
+    from infodistill.loop import INIT_STREAM
 
-    return torch.Generator().manual_seed(stream_seed(seed, INIT_STREAM))
+    return stream_generator(seed, INIT_STREAM)
 
 
 def test_the_loop_fills_idc_defaults():

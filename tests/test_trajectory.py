@@ -167,6 +167,7 @@ def _sampler(real):
 
 
 def _init_generator(config):
-    from infodistill.loop import INIT_STREAM, stream_seed
+    from infodistill.loop import INIT_STREAM
+    from infodistill.seeds import stream_generator
 
-    return torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
+    return stream_generator(config.seed, INIT_STREAM)

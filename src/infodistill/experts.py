@@ -102,9 +102,6 @@ class ExpertMetadata(FileMetadata):
 
 EXPERT_FILES = NumberedFiles("expert", ExpertMetadata)
 """The files that make up a set of expert trajectories: ``expert-NNNN.safetensors``."""
-read_expert_metadata = EXPERT_FILES.read_metadata
-expert_files = EXPERT_FILES.listed
-expert_file_name = EXPERT_FILES.name
 
 
 EXPERT_BUILD_FIELDS = DATA_FIELDS + ("model", "epochs", "lr", "batch_size", "augment", "zca", "layout",
@@ -208,7 +205,7 @@ def train_experts(
     planned = dict(_data_values(real.info), model=parse_model_name(model).canonical_name, epochs=epochs,
                    lr=float(lr), batch_size=batch_size, augment=augment, zca=float(zca),
                    layout=parameter_layout(template), train_per_class=train_per_class)
-    plan = _top_up(Path(out_dir), ExpertMetadata, expert_files, planned, EXPERT_BUILD_FIELDS, count, seed)
+    plan = _top_up(Path(out_dir), EXPERT_FILES, planned, EXPERT_BUILD_FIELDS, count, seed)
     records = [ExpertRecord(index, metadata.seed, metadata.test_accuracy, path)
                for index, path, metadata in plan.existing]
     if plan.to_train:
@@ -242,7 +239,7 @@ def _train_trajectories(real: RealData, out_dir: Path, config: EvalConfig, plann
                                                progress=progress, after_epoch=record_epoch)
             accuracy = top1_accuracy(network, test_images, test_labels)
             metadata = ExpertMetadata(seed=expert_seed, test_accuracy=accuracy, **planned)
-            path = out_dir / expert_file_name(index)
+            path = out_dir / EXPERT_FILES.name(index)
             with atomic_path(path) as temporary:
                 save_file({EXPERT_TENSOR: trajectory}, str(temporary), metadata=metadata.to_strings())
             records.append(ExpertRecord(index, expert_seed, accuracy, path))
@@ -348,7 +345,7 @@ class ExpertTrajectories:
         """
         directory = Path(directory)
         target = resolve_device(device)
-        files = _files_or_refuse(directory, expert_files, "expert directory", "expert",
+        files = _files_or_refuse(directory, EXPERT_FILES, "expert directory",
                                  f"build them with 'infodistill experts --dataset {info.name} --out {directory}'")
         expected: dict[str, Any] = dict(_data_values(info))
         checked = list(DATA_FIELDS)

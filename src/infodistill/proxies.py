@@ -107,9 +107,6 @@ class ProxyMetadata(FileMetadata):
 
 PROXY_FILES = NumberedFiles("proxy", ProxyMetadata)
 """The files that make up a pool: ``proxy-NNNN.safetensors``."""
-read_proxy_metadata = PROXY_FILES.read_metadata
-proxy_files = PROXY_FILES.listed
-proxy_file_name = PROXY_FILES.name
 
 
 BUILD_FIELDS = DATA_FIELDS + ("arch", "epochs", "lr", "momentum", "weight_decay", "batch_size", "augment",
@@ -171,7 +168,7 @@ def train_proxy_pool(
     planned = dict(_data_values(real.info), arch=parse_model_name(arch).canonical_name, epochs=epochs, lr=float(lr),
                    momentum=float(momentum), weight_decay=float(weight_decay), batch_size=batch_size, augment="none",
                    train_per_class=train_per_class, precision=precision)
-    plan = _top_up(Path(out_dir), ProxyMetadata, proxy_files, planned, BUILD_FIELDS, count, seed)
+    plan = _top_up(Path(out_dir), PROXY_FILES, planned, BUILD_FIELDS, count, seed)
     records = [ProxyRecord(index, metadata.seed, metadata.test_accuracy, path)
                for index, path, metadata in plan.existing]
     if plan.to_train:
@@ -201,7 +198,7 @@ def _train_proxies(real: RealData, out_dir: Path, config: EvalConfig, planned: d
             for (index, proxy_seed), model in zip(group, models):
                 accuracy = top1_accuracy(model, test_images, test_labels)
                 metadata = ProxyMetadata(seed=proxy_seed, test_accuracy=accuracy, **planned)
-                path = save_proxy(model, out_dir / proxy_file_name(index), metadata)
+                path = save_proxy(model, out_dir / PROXY_FILES.name(index), metadata)
                 records.append(ProxyRecord(index, proxy_seed, accuracy, path))
                 bar.set_postfix(test_acc=f"{accuracy:.1f}%")
                 bar.update(1)
@@ -369,7 +366,7 @@ class ProxyPool:
         """
         directory = Path(directory)
         target = resolve_device(device)
-        files = _files_or_refuse(directory, proxy_files, "proxy pool directory", "proxy",
+        files = _files_or_refuse(directory, PROXY_FILES, "proxy pool directory",
                                  f"build one with 'infodistill proxies --dataset {info.name} --out {directory}'")
 
         def misfit(name: str, found: str, wanted: str, path: Path) -> str:

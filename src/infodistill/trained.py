@@ -140,17 +140,6 @@ def _data_values(info: DatasetInfo) -> dict[str, Any]:
     }
 
 
-def _read_metadata(path: str | Path, kind: type[FileMetadata]) -> Any:
-    """The metadata of one file (its header only); refuse an unreadable file, naming it."""
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            strings = handle.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise UserInputError(f"{kind.KIND} file {path} is not a readable safetensors file ({error})") from None
-    return kind.from_strings(strings, path)
-
-
 @dataclass(frozen=True)
 class NumberedFiles:
     """One kind of trained-network file: ``STEM-NNNN.safetensors`` in a directory, described by ``metadata``.
@@ -175,17 +164,23 @@ class NumberedFiles:
 
     def read_metadata(self, path: str | Path) -> Any:
         """The metadata of one file (its header only); refuse an unreadable file, naming it."""
-        return _read_metadata(path, self.metadata)
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                strings = handle.metadata() or {}
+        except (SafetensorError, OSError) as error:
+            raise UserInputError(f"{self.metadata.KIND} file {path} is not a readable safetensors file "
+                                 f"({error})") from None
+        return self.metadata.from_strings(strings, path)
 
 
-def _files_or_refuse(directory: Path, lister: Callable[[Path], list[tuple[int, Path]]], what: str, stem: str,
-                     how_to_build: str) -> list[tuple[int, Path]]:
+def _files_or_refuse(directory: Path, kind: NumberedFiles, what: str, how_to_build: str) -> list[tuple[int, Path]]:
     """The numbered files of ``directory``; a one-line error saying how to build them when it is missing or empty."""
     if not directory.is_dir():
         raise UserInputError(f"{what} {directory} does not exist; {how_to_build}")
-    files = lister(directory)
+    files = kind.listed(directory)
     if not files:
-        raise UserInputError(f"{what} {directory} holds no {stem}-NNNN.safetensors files; {how_to_build}")
+        raise UserInputError(f"{what} {directory} holds no {kind.stem}-NNNN.safetensors files; {how_to_build}")
     return files
 
 
@@ -224,8 +219,7 @@ class _TopUp:
 
 def _top_up(
     out_dir: Path,
-    kind: type[FileMetadata],
-    files: Callable[[Path], list[tuple[int, Path]]],
+    files: NumberedFiles,
     planned: dict[str, Any],
     fields: Sequence[str],
     count: int,
@@ -236,16 +230,16 @@ def _top_up(
     number, and the one numbered i gets seed ``run_seeds(seed, i + 1)[i]``, or a derived one if an
     existing file used it."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"{kind.KIND} output {out_dir} exists and is not a directory; pass a directory")
+        raise UserInputError(f"{files.metadata.KIND} output {out_dir} exists and is not a directory; pass a directory")
     existing = []
     used_seeds: set[int] = set()
-    for index, path in files(out_dir) if out_dir.is_dir() else []:
-        metadata = _read_metadata(path, kind)
+    for index, path in files.listed(out_dir) if out_dir.is_dir() else []:
+        metadata = files.read_metadata(path)
         mismatch = metadata.first_mismatch(planned, fields)
         if mismatch is not None:
             name, found, wanted = mismatch
             raise UserInputError(
-                f"{out_dir} already holds {kind.COMMAND} with {name} {found} ({path.name}), but this build "
+                f"{out_dir} already holds {files.metadata.COMMAND} with {name} {found} ({path.name}), but this build "
                 f"has {name} {wanted}; use another output directory"
             )
         existing.append((index, path, metadata))

@@ -59,7 +59,6 @@ from infodistill.loop.parts import (
     make_context,
     run_precision,
     schedule_factor,
-    stream_seed,
 )
 from infodistill.loop.run import DistillResult, distill
 from infodistill.loop.split import SPLIT_KINDS, ProcessSplit, plan_split
@@ -114,5 +113,4 @@ __all__ = [
     "run_precision",
     "save_checkpoint",
     "schedule_factor",
-    "stream_seed",
 ]

@@ -168,7 +168,7 @@ class DistillConfig(MIMSettings, CMISettings, MultiSettings, LowRankSettings, DW
         resolved = self.with_method_defaults()
         published = method_class(self.method).defaults(self.ipc)
         chosen: dict[str, list[str]] = {"method": [self.method], "param": [str(resolved.param)],
-                                        "regularizer": _configured_regularizers(resolved)}
+                                        "regularizer": regularizers_on(resolved)}
         parts = part_fields()
         for field in dataclasses.fields(self):
             name, value = field.name, getattr(self, field.name)
@@ -240,10 +240,6 @@ def distill_config_from(values: dict[str, Any], source: str = "config") -> Disti
     if "cmi_weight" in values:
         values = {**values, "cmi_weight": parse_cmi_weight(values["cmi_weight"])}
     return config_from_mapping(DistillConfig, values, source)
-
-
-def _configured_regularizers(config: DistillConfig) -> list[str]:
-    return regularizers_on(config)
 
 
 def part_fields() -> dict[str, dict[str, frozenset[str]]]:

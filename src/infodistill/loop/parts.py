@@ -17,7 +17,7 @@ from infodistill.loop.split import ProcessSplit
 from infodistill.methods import DistillContext, Method, MethodSetup, method_class, method_settings
 from infodistill.precision import resolve_precision
 from infodistill.regularizers import Regularizer
-from infodistill.seeds import stream_seed
+from infodistill.seeds import stream_generator
 from infodistill.synthetic import SyntheticSet, build_synthetic
 from infodistill.trained import LoadCache
 
@@ -99,11 +99,11 @@ def build_run_parts(config: DistillConfig, real: RealData, sampler: ClassSampler
     ``config`` with its method defaults filled (the loop and the benchmarks share this).
     ``image_positions``: this process's share in a run split by image (what the method prepares)."""
     assert config.param is not None and config.init is not None and config.lr_images is not None  # defaults filled
-    init_generator = torch.Generator().manual_seed(stream_seed(config.seed, INIT_STREAM))
+    init_generator = stream_generator(config.seed, INIT_STREAM)
     synthetic = build_synthetic(config.param, sampler, config.ipc, config.init, init_generator,
                                 factor=config.factor, upsample=config.upsample, rank=config.rank).to(device)
     method = build_method(config)
-    setup_generator = torch.Generator().manual_seed(stream_seed(config.seed, SETUP_STREAM))
+    setup_generator = stream_generator(config.seed, SETUP_STREAM)
     method.prepare(MethodSetup(synthetic=synthetic, sampler=sampler, info=real.info, device=device,
                                model_name=config.model, generator=setup_generator, fresh=fresh, init=config.init,
                                cache=cache, image_positions=image_positions))
@@ -131,10 +131,10 @@ def make_context(config: DistillConfig, iteration: int, synthetic: SyntheticSet,
                   split: ProcessSplit | None = None) -> DistillContext:
     """The context of one iteration; ``classes``: those this process computes (None: all), or ``split``:
     this process's share of a run split over processes (its classes, image positions or trajectories)."""
-    generator = torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration))
+    generator = stream_generator(config.seed, stream, iteration)
 
     def substream(*indices: int) -> torch.Generator:
-        return torch.Generator().manual_seed(stream_seed(config.seed, stream, iteration, *indices))
+        return stream_generator(config.seed, stream, iteration, *indices)
 
     share: dict[str, Any] = {"classes": classes}
     if split is not None:

@@ -50,7 +50,6 @@ from infodistill.loop.parts import (
     make_context,
     run_precision,
     schedule_factor,
-    stream_seed,
 )
 from infodistill.loop.split import ProcessSplit, plan_split
 from infodistill.loop.step import LossDiverged, run_iteration
@@ -58,6 +57,7 @@ from infodistill.parallel import SINGLE_PROCESS, ProcessGroup, is_main, rank_dev
 from infodistill.proxies import ProxyPool, load_proxy_pool
 from infodistill.regularizers import CMIRegularizer, Regularizer
 from infodistill.regularizers.base import REGULARIZER_REGISTRY, RegularizerSetup, regularizers_on
+from infodistill.seeds import stream_generator
 from infodistill.trained import LoadCache
 from infodistill.training import resolve_device
 
@@ -212,10 +212,11 @@ def _regularizers(config: DistillConfig, real: RealData, sampler: ClassSampler, 
     if config.uses_cmi and config.ipc == 1 and config.param == "pixels" and writer:
         log.warning("CMI is identically 0 at ipc 1 with pixel images: each class has one image, so its "
                     "centroid equals that image's output; the term will do nothing")
-    generator = torch.Generator().manual_seed(stream_seed(config.seed, REGULARIZER_STREAM))
-    setup = RegularizerSetup(config=config, sampler=sampler, info=real.info, device=device, pool=pool,
-                             generator=generator, optimizer=parts.optimizer)
-    built = {name: REGULARIZER_REGISTRY[name].build(setup) for name in regularizers_on(config)}
+    def setup() -> RegularizerSetup:  # each regularizer gets its own generator of the regularizers' stream
+        return RegularizerSetup(config=config, sampler=sampler, info=real.info, device=device, pool=pool,
+                                generator=stream_generator(config.seed, REGULARIZER_STREAM), optimizer=parts.optimizer)
+
+    built = {name: REGULARIZER_REGISTRY[name].build(setup()) for name in regularizers_on(config)}
     held_out = None
     if config.held_out_proxies is not None:
         held_out = load_proxy_pool(config.held_out_proxies, real.info, device=str(device), cache=cache)
