@@ -92,14 +92,13 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
-def check_values(settings: Any, names: Iterable[str] | None = None) -> None:
+def check_values(settings: Any) -> None:
     """Refuse a value outside its declared bounds or choices with one line naming the setting and what is
-    allowed. None (the part's default) is always allowed; ``names`` limits the check to those fields."""
+    allowed. None (the part's default) is always allowed."""
     hints = typing.get_type_hints(type(settings))
-    wanted = set(names) if names is not None else None
     for field in declared(type(settings)):
         value = getattr(settings, field.name)
-        if value is None or (wanted is not None and field.name not in wanted):
+        if value is None:
             continue
         choices, bounds = field.metadata.get("choices"), field.metadata.get("bounds")
         if choices is not None and isinstance(value, str) and value not in choices:
